@@ -1,0 +1,330 @@
+"""Shared pieces of every data module: samples, transforms, the dataset and the datamodule base.
+
+Every dataset family is normalised to the MVTec AD layout::
+
+    <root>/<class>/train/good/*.png
+    <root>/<class>/test/<type>/*.png              (<type> = good or a defect type)
+    <root>/<class>/ground_truth/<type>/<stem>_mask.png
+
+A family only has to list its samples (:meth:`AnomalyDataModule.list_samples`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from lightning import LightningDataModule
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
+
+from data_modules.components import load_component_masks
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(RuntimeError):
+    """A dataset on disk is missing, incomplete or malformed; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    image_path: Path
+    label: int  # 0 normal, 1 anomalous
+    split: str  # "train" or "test"
+    defect_type: str  # "good" or the defect folder name
+    dataset: str
+    class_name: str
+    mask_path: Path | None = None  # ground truth of an anomalous test image
+
+    @property
+    def class_key(self) -> str:
+        return f"{self.dataset}/{self.class_name}"
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def list_mvtec_samples(root: Path, dataset: str, class_name: str, split: str) -> list[Sample]:
+    """Samples of one class in the MVTec AD layout; a defect image without its mask is an error."""
+    class_dir = root / class_name
+    if split == "train":
+        folder = class_dir / "train" / "good"
+        if not folder.is_dir():
+            raise DataError(f"{folder} not found: expected training images in <root>/<class>/train/good")
+        images = list_images(folder)
+        if not images:
+            raise DataError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        return [Sample(p, 0, "train", "good", dataset, class_name) for p in images]
+    test_dir = class_dir / "test"
+    if not test_dir.is_dir():
+        raise DataError(f"{test_dir} not found: expected test images in <root>/<class>/test/<type>")
+    samples = []
+    for type_dir in sorted(d for d in test_dir.iterdir() if d.is_dir()):
+        defect = type_dir.name
+        for image in list_images(type_dir):
+            if defect == "good":
+                samples.append(Sample(image, 0, "test", defect, dataset, class_name))
+                continue
+            mask = class_dir / "ground_truth" / defect / f"{image.stem}_mask.png"
+            if not mask.is_file():
+                raise DataError(
+                    f"mask for {image.relative_to(root)} not found: expected {mask.relative_to(root)}"
+                )
+            samples.append(Sample(image, 1, "test", defect, dataset, class_name, mask))
+    if not samples:
+        raise DataError(f"{test_dir} holds no test images")
+    return samples
+
+
+def open_image(path: Path, mode: str = "RGB") -> Image.Image:
+    """Open an image, converting grayscale / 16-bit / RGBA inputs to ``mode``."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I") and mode in ("RGB", "L"):
+                array = np.asarray(img, dtype=np.float64)
+                span = array.max() - array.min()
+                array = (array - array.min()) / span * 255 if span > 0 else np.zeros_like(array)
+                img = Image.fromarray(array.astype(np.uint8))
+            return img.convert(mode)
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"cannot read image {path}: {err}. Replace or remove the file.") from err
+
+
+class AnomalyTransforms:
+    """The original pipeline (SPEC 1.1): resize (square, antialiased), to tensor, centre crop,
+    ImageNet normalisation. The global experts' copy gets one of three random colour jitters.
+    """
+
+    def __init__(
+        self,
+        resize: int = 448,
+        crop: int | None = 392,
+        jitter: float = 0.2,
+        gt_resize: str = "bilinear",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        if gt_resize not in ("bilinear", "nearest"):
+            raise ValueError(f"dataset.gt_resize={gt_resize!r}; choose bilinear (original) or nearest")
+        if crop is not None and crop > resize:
+            raise ValueError(f"dataset.image_size={crop} is larger than dataset.resize={resize}")
+        self.resize, self.crop = resize, crop
+        tail = [T.ToTensor()] + ([T.CenterCrop(crop)] if crop else []) + [T.Normalize(mean, std)]
+        self.image = T.Compose([T.Resize((resize, resize)), *tail])
+        self.jitter = T.RandomChoice(
+            [T.ColorJitter(brightness=jitter), T.ColorJitter(contrast=jitter), T.ColorJitter(saturation=jitter)]
+        )
+        interpolation = T.InterpolationMode.BILINEAR if gt_resize == "bilinear" else T.InterpolationMode.NEAREST
+        self.gt = T.Compose(
+            [T.Resize((resize, resize), interpolation=interpolation), *([T.CenterCrop(crop)] if crop else []), T.ToTensor()]
+        )
+
+    def image_ae(self, img: Image.Image) -> Tensor:
+        return self.image(self.jitter(img))
+
+    def display(self, img: Image.Image) -> np.ndarray:
+        """The image as the model sees it, before normalisation: (H, W, 3) uint8."""
+        img = T.Resize((self.resize, self.resize))(img.convert("RGB"))
+        return np.asarray(T.CenterCrop(self.crop)(img) if self.crop else img)
+
+    def masks(self, masks: np.ndarray) -> Tensor:
+        """(K, H, W) bool component masks -> (K, crop, crop) uint8, nearest resizing."""
+        if masks.shape[0] == 0:
+            return torch.zeros(0, self.output_size, self.output_size, dtype=torch.uint8)
+        tensor = torch.from_numpy(masks.astype(np.uint8))[None]
+        tensor = F.interpolate(tensor, size=(self.resize, self.resize), mode="nearest-exact")[0]
+        if self.crop:
+            tensor = T.CenterCrop(self.crop)(tensor)
+        return tensor
+
+    @property
+    def output_size(self) -> int:
+        return self.crop or self.resize
+
+
+class AnomalyDataset(Dataset):
+    """Images of one split as dicts ready for :func:`collate_samples`.
+
+    Args:
+        samples: what to load.
+        transforms: the image pipeline.
+        class_keys: ``dataset/class`` names; a sample's ``class_index`` is its position here.
+        jitter_ae: give the global experts a colour-jittered copy (training; original test too).
+        component_root: folder of cached component masks, or None for no masks.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transforms: AnomalyTransforms,
+        class_keys: Sequence[str],
+        jitter_ae: bool,
+        component_root: Path | None = None,
+    ) -> None:
+        self.samples = list(samples)
+        self.transforms = transforms
+        self.class_index = {key: i for i, key in enumerate(class_keys)}
+        self.jitter_ae = jitter_ae
+        self.component_root = component_root
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def display_image(self, index: int) -> np.ndarray:
+        """Sample ``index`` resized and cropped like the model input, as (H, W, 3) uint8."""
+        return self.transforms.display(open_image(self.samples[index].image_path))
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        img = open_image(sample.image_path)
+        image = self.transforms.image(img)
+        item = {
+            "image": image,
+            "image_ae": self.transforms.image_ae(img) if self.jitter_ae else image,
+            "label": sample.label,
+            "index": index,
+            "class_index": self.class_index[sample.class_key],
+            "image_path": str(sample.image_path),
+            "dataset": sample.dataset,
+            "class_name": sample.class_name,
+            "defect_type": sample.defect_type,
+        }
+        if sample.split == "test":
+            if sample.mask_path is None:
+                item["gt_mask"] = torch.zeros(1, *image.shape[-2:])
+            else:
+                item["gt_mask"] = self.transforms.gt(open_image(sample.mask_path, "L")) > 0
+                if item["gt_mask"].shape[-2:] != image.shape[-2:]:
+                    raise DataError(f"mask {sample.mask_path} does not match its image {sample.image_path}")
+                item["gt_mask"] = item["gt_mask"].float()
+        if self.component_root is not None:
+            item["masks"] = self.transforms.masks(load_component_masks(self.component_root, sample, (img.height, img.width)))
+        return item
+
+
+def collate_samples(items: list[dict]) -> dict:
+    """Default collation, except component masks: padded to the batch's largest count."""
+    masks = [item.pop("masks") for item in items] if "masks" in items[0] else None
+    batch = default_collate(items)
+    if masks is not None:
+        k = max(m.shape[0] for m in masks)
+        h, w = batch["image"].shape[-2:]
+        padded = torch.zeros(len(masks), k, h, w, dtype=torch.uint8)
+        for i, m in enumerate(masks):
+            padded[i, : m.shape[0]] = m
+        batch["masks"] = padded
+        batch["num_masks"] = torch.tensor([m.shape[0] for m in masks])
+    return batch
+
+
+class AnomalyDataModule(LightningDataModule):
+    """Base datamodule: a family lists samples; this class builds datasets and loaders.
+
+    Args:
+        root: the dataset in MVTec AD layout.
+        name: dataset name used in reports (``<name>/<class>``).
+        classes: classes to use; ``None`` = every class folder under ``root``.
+        image_size: centre crop (392 in the original); ``resize``: square resize before it (448).
+        batch_size / test_batch_size / num_workers: loader settings.
+        component_masks: folder of cached component masks (``mode=segment``) or None.
+        jitter: colour-jitter strength for the global experts' input.
+        eval_jitter: also jitter at test time, like the original (non-deterministic; SPEC B4).
+        gt_resize: ``bilinear`` (original; slightly dilates masks) or ``nearest``.
+        download_hint: how to get the data, shown when ``root`` is missing.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        name: str,
+        classes: Sequence[str] | None = None,
+        image_size: int | None = 392,
+        resize: int = 448,
+        batch_size: int = 8,
+        test_batch_size: int = 16,
+        num_workers: int = 4,
+        component_masks: str | None = None,
+        jitter: float = 0.2,
+        eval_jitter: bool = False,
+        gt_resize: str = "bilinear",
+        download_hint: str = "",
+    ) -> None:
+        super().__init__()
+        self.root = Path(root).expanduser()
+        self.name = name
+        self.classes = list(classes) if classes else None
+        self.transforms = AnomalyTransforms(resize, image_size, jitter, gt_resize)
+        self.batch_size, self.test_batch_size, self.num_workers = batch_size, test_batch_size, num_workers
+        self.component_root = Path(component_masks).expanduser() if component_masks else None
+        self.eval_jitter = eval_jitter
+        self.download_hint = download_hint
+        self.train_set: AnomalyDataset | None = None
+        self.test_set: AnomalyDataset | None = None
+
+    # ------------------------------------------------------------------ listing
+    def class_names(self) -> list[str]:
+        if not self.root.is_dir():
+            raise DataError(f"dataset '{self.name}' not found at {self.root}. {self.download_hint}".strip())
+        found = sorted(d.name for d in self.root.iterdir() if d.is_dir() and (d / "train").is_dir())
+        if self.classes is None:
+            if not found:
+                raise DataError(f"no class folders with a train/ subfolder under {self.root}")
+            return found
+        unknown = [c for c in self.classes if c not in found]
+        if unknown:
+            raise DataError(f"unknown class(es) {unknown} for dataset '{self.name}' under {self.root}; available: {found}")
+        return list(self.classes)
+
+    def list_samples(self, class_name: str, split: str) -> list[Sample]:
+        return list_mvtec_samples(self.root, self.name, class_name, split)
+
+    @property
+    def test_class_keys(self) -> list[str]:
+        return [f"{self.name}/{c}" for c in self.class_names()]
+
+    # ------------------------------------------------------------------ datasets
+    def setup(self, stage: str | None = None) -> None:
+        keys = self.test_class_keys
+        if stage in (None, "fit") and self.train_set is None:
+            samples = [s for c in self.class_names() for s in self.list_samples(c, "train")]
+            self.train_set = AnomalyDataset(samples, self.transforms, keys, True, self.component_root)
+            log.info("%s: %d training images in %d classes", self.name, len(samples), len(keys))
+        if stage in (None, "test", "validate", "predict") and self.test_set is None:
+            samples = [s for c in self.class_names() for s in self.list_samples(c, "test")]
+            self.test_set = AnomalyDataset(samples, self.transforms, keys, self.eval_jitter, self.component_root)
+            log.info("%s: %d test images", self.name, len(samples))
+
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) >= batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_samples,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup('fit') first"
+        return self._loader(self.train_set, self.batch_size, train=True)
+
+    def test_dataloader(self) -> DataLoader:
+        assert self.test_set is not None, "call setup('test') first"
+        return self._loader(self.test_set, self.test_batch_size, train=False)

@@ -1,0 +1,214 @@
+"""AnomalyMoE training objective (SPEC section 7), as functions of tensors.
+
+L = L_patch + L_global + L_comp + lambda_eir * EIR + lambda_esb * ESB, with
+* L_patch: hard-mining cosine reconstruction of the patch experts (SPEC 7.1),
+* L_global: autoencoder and student losses of the global experts (SPEC 7.2),
+* L_comp: cosine reconstruction of the component vectors (SPEC 7.3),
+* ESB, *Expert Selection Balancing*: importance + load + router-z terms (SPEC 7.4),
+* EIR, *Expert Information Repulsion*: a CLUB upper bound on the mutual information between
+  the features of two experts of one group (SPEC 7.5), estimated by :class:`CLUBEstimator`.
+
+Every expert's per-image loss is weighted by its routing weight and averaged over the whole
+batch (experts that did not run on an image have weight 0 there), so sparse and dense
+dispatch give the same values.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from src.models.anomalymoe import ComponentRun, GlobalRun, PatchRun
+
+
+@dataclass
+class LossWeights:
+    """Coefficients of the objective; defaults are the original's."""
+
+    lambda_esb: float = 0.01  # ESB coefficient
+    lambda_eir: float = 1e-4  # EIR coefficient
+    hard_mining_ratio: float = 0.1  # fraction of hardest points keeping their full gradient
+    hard_mining_factor: float = 0.1  # gradient factor of the other points
+    global_scale: float = 0.1  # scale of the global-expert loss
+    component_scale: float = 0.1  # scale of the component-expert loss
+    capacity_factor: float = 4.0  # ESB load term: capacity = capacity_factor * B / E
+    club_full_likelihood: bool = False  # True adds the -log(var) term the original omits (SPEC B6)
+
+
+def _scale_easy_gradients(tensor: Tensor, easy: Tensor, factor: float) -> None:
+    """Multiply the gradient reaching ``tensor`` by ``factor`` at ``easy`` points (all channels).
+
+    A hook on the tensor itself, as in the original, so every gradient into the decoder map
+    (the EIR feature is pooled from it) is scaled.
+    """
+    if tensor.requires_grad:
+        scale = torch.where(easy, factor, 1.0).unsqueeze(1).to(tensor.dtype)  # (n, 1, h, w)
+        tensor.register_hook(lambda grad: grad * scale)
+
+
+def patch_loss(
+    en_maps: Sequence[Tensor], runs: Sequence[PatchRun | None], routing: Tensor, weights: LossWeights
+) -> Tensor:
+    """L_patch = sum_i mean_b r_bi * mean_g mean_hw (1 - cos(E_g, D_ig)) (SPEC 7.1).
+
+    Hard mining only shapes gradients: points below the k-th largest distance of this expert
+    and group (k = ratio * points) get their gradient scaled by ``hard_mining_factor``.
+    """
+    batch = routing.shape[0]
+    total = routing.new_zeros(())
+    for i, run in enumerate(runs):
+        if run is None:
+            continue
+        per_image = 0.0
+        for en_map, de_map in zip(en_maps, run.de_maps, strict=True):
+            distance = 1 - F.cosine_similarity(en_map[run.rows].detach(), de_map, dim=1)  # (n, h, w)
+            with torch.no_grad():
+                k = max(1, int(distance.numel() * weights.hard_mining_ratio))
+                threshold = torch.topk(distance.flatten(), k).values[-1]
+            _scale_easy_gradients(de_map, distance.detach() < threshold, weights.hard_mining_factor)
+            per_image = per_image + distance.mean(dim=(1, 2))
+        per_image = per_image / len(run.de_maps)
+        total = total + (routing[run.rows, i] * per_image).sum() / batch
+    return total
+
+
+def global_loss(target: Tensor, runs: Sequence[GlobalRun | None], routing: Tensor, weights: LossWeights) -> Tensor:
+    """L_global = sum_j mean_b r_bj * scale * (mse(A_j, T) + mse(S_j, A_j)) (SPEC 7.2)."""
+    batch = routing.shape[0]
+    total = routing.new_zeros(())
+    for j, run in enumerate(runs):
+        if run is None:
+            continue
+        ae = run.autoencoder
+        if ae.shape[-2:] != target.shape[-2:]:
+            ae = F.interpolate(ae, size=target.shape[-2:], mode="bilinear")
+        loss_ae = (ae - target[run.rows]).pow(2).mean(dim=(1, 2, 3))
+        loss_st = (run.student - ae).pow(2).mean(dim=(1, 2, 3))
+        total = total + (routing[run.rows, j] * weights.global_scale * (loss_ae + loss_st)).sum() / batch
+    return total
+
+
+def component_loss(
+    features: Tensor, image_index: Tensor, runs: Sequence[ComponentRun | None], routing: Tensor, weights: LossWeights
+) -> Tensor:
+    """L_comp = sum_m mean_c r_{b(c)m} * scale * (1 - cos(CAE_m(f_c), f_c)) over all components (SPEC 7.3)."""
+    total = routing.new_zeros(())
+    count = features.shape[0]
+    for m, run in enumerate(runs):
+        if run is None:
+            continue
+        distance = 1 - F.cosine_similarity(run.reconstruction, features[run.rows], dim=1)
+        total = total + (routing[image_index[run.rows], m] * weights.component_scale * distance).sum() / count
+    return total
+
+
+def esb_loss(logits: Tensor, expert_mask: Tensor, capacity_factor: float = 4.0) -> dict[str, Tensor]:
+    """Expert Selection Balancing (SPEC 7.4).
+
+    importance = E * sum_j (mean_b softmax(z)_bj)^2; load = sum_j relu(count_j - cap)^2 with
+    cap = capacity_factor * B / E (counts come from the top-k one-hot: no gradient, as in the
+    original); z = mean z^2.
+    """
+    batch, num_experts = logits.shape
+    importance = num_experts * torch.softmax(logits, dim=1).mean(0).pow(2).sum()
+    capacity = capacity_factor * batch / num_experts
+    load = F.relu(expert_mask.float().sum(0) - capacity).pow(2).sum()
+    z_loss = logits.pow(2).mean()
+    return {"importance": importance, "load": load, "z": z_loss, "total": importance + load + z_loss}
+
+
+# --------------------------------------------------------------------------- EIR / CLUB
+class CLUBNet(nn.Module):
+    """Variational q(y | x) = N(mu(x), exp(logvar(x))) of CLUB (Cheng et al., 2020)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.p_mu = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.p_logvar = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim), nn.Tanh())
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.p_mu(x), self.p_logvar(x)
+
+
+class CLUBEstimator(nn.Module):
+    """Mutual-information estimator behind EIR: a shared LayerNorm and one CLUB net per group.
+
+    ``upper_bound`` (the EIR term) runs with the estimator's parameters detached: the original
+    discards the estimator gradients of that term anyway, and this way one backward pass can
+    serve both the main objective and the estimator's own loss (which sees detached features).
+    """
+
+    GROUPS = ("patch", "global")
+
+    def __init__(self, dim: int, full_likelihood: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.nets = nn.ModuleDict({g: CLUBNet(dim, dim // 2) for g in self.GROUPS})
+        self.full_likelihood = full_likelihood
+
+    def _heads(self, group: str, x: Tensor, y: Tensor, frozen: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        def call(module: nn.Module, *args: Tensor):
+            if not frozen:
+                return module(*args)
+            params = {k: v.detach() for k, v in module.named_parameters()}
+            return torch.func.functional_call(module, params, args)
+
+        x, y = call(self.norm, x), call(self.norm, y)
+        mu, logvar = call(self.nets[group], x)
+        return x, y, mu, logvar
+
+    def upper_bound(self, group: str, x: Tensor, y: Tensor, frozen: bool = True) -> Tensor:
+        """CLUB bound 1/2 mean_b [log q(y_b|x_b) - log q(y_pi(b)|x_b)] (without constants)."""
+        x, y, mu, logvar = self._heads(group, x, y, frozen)
+        shuffled = y[torch.randperm(y.shape[0], device=y.device)]
+        positive = -((mu - y) ** 2) / logvar.exp()
+        negative = -((mu - shuffled) ** 2) / logvar.exp()
+        return (positive.sum(-1) - negative.sum(-1)).mean() / 2
+
+    def log_likelihood(self, group: str, x: Tensor, y: Tensor) -> Tensor:
+        """mean_b sum_d log q(y|x), without the -logvar/2 term unless ``full_likelihood`` (SPEC B6)."""
+        x, y, mu, logvar = self._heads(group, x, y, frozen=False)
+        ll = -((mu - y) ** 2) / (2 * logvar.exp())
+        if self.full_likelihood:
+            ll = ll - logvar / 2
+        return ll.sum(-1).mean()
+
+
+def select_eir_pairs(
+    runs: Sequence[PatchRun | GlobalRun | None], batch: int, rng: random.Random
+) -> tuple[Tensor, Tensor] | None:
+    """Pick the feature pairs (x_b, y_b) of two distinct experts of one group.
+
+    When every expert ran on the whole batch (dense dispatch) this is the original's rule: one
+    random pair of experts for all images. With sparse dispatch an expert only has features for
+    its routed images, so each image gets its own random pair among the experts that ran on it;
+    images with fewer than two such experts are left out. ``None`` when fewer than two images
+    remain (the bound needs a shuffle).
+    """
+    present = [(e, r) for e, r in enumerate(runs) if r is not None]
+    if len(present) < 2:
+        return None
+    if all(r.rows.numel() == batch for _, r in present) and len(present) == len(runs):
+        first, second = rng.sample(range(len(runs)), 2)
+        return runs[first].feature, runs[second].feature
+    feature = present[0][1].feature
+    table = feature.new_zeros(len(runs), batch, feature.shape[1])  # (experts, B, C)
+    has = torch.zeros(len(runs), batch, dtype=torch.bool, device=feature.device)
+    for e, run in present:
+        table = table.index_put((torch.full_like(run.rows, e), run.rows), run.feature)
+        has[e, run.rows] = True
+    xs, ys = [], []
+    for b in range(batch):
+        experts = has[:, b].nonzero().flatten().tolist()
+        if len(experts) >= 2:
+            first, second = rng.sample(experts, 2)
+            xs.append(table[first, b])
+            ys.append(table[second, b])
+    if len(xs) < 2:
+        return None
+    return torch.stack(xs), torch.stack(ys)

@@ -1,0 +1,123 @@
+"""What ``run.py`` does for each ``mode``: build objects from the config and run them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+import torch
+from lightning import Callback, LightningDataModule, Trainer, seed_everything
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from src.models.anomalymoe import AnomalyMoE
+from src.models.backbone import WEIGHTS_DEFERRED
+from src.models.checkpoint import check_and_load, check_expert_counts, original_to_ours, read_state_file
+from src.module import AnomalyMoEModule
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_list(cfg: DictConfig | None) -> list:
+    """Instantiate every ``_target_`` entry of a config group (callbacks, loggers)."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def build_components(cfg: DictConfig) -> tuple[LightningDataModule, AnomalyMoEModule, Trainer]:
+    """Datamodule, Lightning module and trainer from the composed config."""
+    if cfg.get("ckpt_path"):
+        # The checkpoint holds the encoder: do not download or load backbone weights first.
+        with open_dict(cfg):
+            cfg.model.backbone.weights = WEIGHTS_DEFERRED
+    datamodule: LightningDataModule = hydra.utils.instantiate(cfg.dataset)
+    net: AnomalyMoE = hydra.utils.instantiate(cfg.model)
+    module: AnomalyMoEModule = hydra.utils.instantiate(cfg.module, net=net)
+    callbacks: list[Callback] = _instantiate_list(cfg.get("callbacks"))
+    loggers: list[Logger] = _instantiate_list(cfg.get("logger"))
+    trainer: Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return datamodule, module, trainer
+
+
+def load_weights(module: AnomalyMoEModule, path: str | Path) -> str:
+    """Load a Lightning ``.ckpt`` of this project or an original-format state dict.
+
+    Returns which format it was. Both paths are strict: every key must match.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={path} does not exist")
+    if path.suffix == ".ckpt":  # our own Lightning checkpoints (trusted pickles)
+        raw = torch.load(path, map_location="cpu", weights_only=False)
+        check_and_load(module, raw["state_dict"], f"Lightning checkpoint {path}")
+        return "lightning"
+    state = original_to_ours(read_state_file(path))
+    check_expert_counts(state, module.net.expert_counts(), f"checkpoint {path}")
+    check_and_load(module.net, state, f"original-format checkpoint {path}")
+    return "original"
+
+
+def _mean_metric(trainer: Trainer, name: str = "image_auroc") -> float | None:
+    for callback in trainer.callbacks:
+        report = getattr(callback, "report", None)
+        if report:
+            return report["mean"].get(name)
+    return None
+
+
+def save_config(cfg: DictConfig) -> None:
+    """The resolved config next to the results, whatever ``paths.output_dir`` is."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit, then test the final weights (the original has no validation split to pick from)."""
+    datamodule, module, trainer = build_components(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if cfg.get("test_after_training", True):
+        trainer.test(module, datamodule=datamodule)
+    return _mean_metric(trainer)
+
+
+def test(cfg: DictConfig) -> float | None:
+    """Evaluate ``ckpt_path``: a checkpoint of this project or the original ``model_final.pth``."""
+    if not cfg.get("ckpt_path"):
+        raise ValueError("mode=test needs ckpt_path=<Lightning .ckpt or original model_final.pth>")
+    datamodule, module, trainer = build_components(cfg)
+    kind = load_weights(module, cfg.ckpt_path)
+    log.info("Loaded %s checkpoint %s", kind, cfg.ckpt_path)
+    trainer.test(module, datamodule=datamodule)
+    return _mean_metric(trainer)
+
+
+TASKS: dict[str, Callable[[DictConfig], float | None]] = {"train": train, "test": test}
+
+
+def run_task(cfg: DictConfig) -> float | None:
+    if cfg.mode not in TASKS:
+        raise ValueError(f"mode={cfg.mode!r} is not one of {sorted(TASKS)}")
+    if cfg.get("seed") is not None:
+        seed_everything(cfg.seed, workers=True)
+    save_config(cfg)
+    try:
+        return TASKS[cfg.mode](cfg)
+    finally:
+        _close_wandb()
+
+
+def _close_wandb() -> None:
+    """Always finish a W&B run, so one failed job does not break the next job of a multirun."""
+    import sys
+
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
