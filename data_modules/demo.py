@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 DEMO_VERSION = 1
 MARKER = ".demo_dataset.json"
-MARGIN = 32  # anomalies stay inside the centre crop
+MARGIN = 32  # anomalies stay inside the centre crop (pixels of a 192 px image)
+REFERENCE_SIZE = 192  # geometry is written for this size and scaled to the generated one
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -42,7 +43,8 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 def _segment_mask(size: int, rng: np.random.Generator, length: tuple[int, int], width: float, centre=None) -> np.ndarray:
     """Pixels within ``width / 2`` of a random segment."""
     yy, xx = _grid(size)
-    cy, cx = centre if centre is not None else rng.uniform(MARGIN + 10, size - MARGIN - 10, 2)
+    margin = (MARGIN + 10) * size / REFERENCE_SIZE
+    cy, cx = centre if centre is not None else rng.uniform(margin, size - margin, 2)
     angle = rng.uniform(0, np.pi)
     half = rng.uniform(*length) / 2
     dy, dx = np.sin(angle), np.cos(angle)
@@ -64,13 +66,15 @@ def _fabric(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def _fabric_defect(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
     size = img.shape[0]
+    unit = size / REFERENCE_SIZE
     if kind == "scratch":
-        mask = _segment_mask(size, rng, (40, 80), rng.uniform(2.0, 3.5))
+        mask = _segment_mask(size, rng, (40 * unit, 80 * unit), max(1.5, rng.uniform(2.0, 3.5) * unit))
         img[mask] = rng.choice([0.95, 0.12]) * np.array([1.0, 0.98, 0.92])
         return mask
     yy, xx = _grid(size)  # stain: soft dark ellipse
-    cy, cx = rng.uniform(MARGIN + 16, size - MARGIN - 16, 2)
-    ry, rx = rng.uniform(8, 16, 2)
+    margin = (MARGIN + 16) * unit
+    cy, cx = rng.uniform(margin, size - margin, 2)
+    ry, rx = rng.uniform(8 * unit, 16 * unit, 2)
     r = np.hypot((yy - cy) / ry, (xx - cx) / rx)
     alpha = np.clip(1.5 - r, 0, 1)[..., None] * 0.85
     img[:] = img * (1 - alpha) + np.array([0.35, 0.18, 0.08]) * alpha
@@ -80,17 +84,19 @@ def _fabric_defect(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.n
 # --------------------------------------------------------------------------- widget
 PARTS = ("disc", "square", "triangle")
 PART_COLOURS = {"disc": (0.85, 0.15, 0.15), "square": (0.15, 0.7, 0.2), "triangle": (0.15, 0.25, 0.85)}
+# Geometry in pixels of a 192 px image; scaled to the generated size.
 PART_CENTRES = {"disc": (62.0, 62.0), "square": (62.0, 130.0), "triangle": (130.0, 96.0)}  # (y, x)
 FREE_SPOTS = ((128.0, 50.0), (128.0, 142.0), (60.0, 96.0))
 
 
 def _part_mask(kind: str, cy: float, cx: float, size: int) -> np.ndarray:
     yy, xx = _grid(size)
+    unit = size / REFERENCE_SIZE
     if kind == "disc":
-        return np.hypot(yy - cy, xx - cx) <= 17
+        return np.hypot(yy - cy, xx - cx) <= 17 * unit
     if kind == "square":
-        return (np.abs(yy - cy) <= 15) & (np.abs(xx - cx) <= 15)
-    top, bottom = cy - 18, cy + 18
+        return (np.abs(yy - cy) <= 15 * unit) & (np.abs(xx - cx) <= 15 * unit)
+    top, bottom = cy - 18 * unit, cy + 18 * unit
     return (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= (yy - top) * 0.6)
 
 
@@ -103,7 +109,7 @@ def _board(rng: np.random.Generator, size: int) -> np.ndarray:
 def _draw_part(img: np.ndarray, kind: str, cy: float, cx: float) -> np.ndarray:
     mask = _part_mask(kind, cy, cx, img.shape[0])
     yy, xx = _grid(img.shape[0])
-    shade = 1 - 0.15 * np.clip(np.hypot(yy - cy, xx - cx) / 20, 0, 1)
+    shade = 1 - 0.15 * np.clip(np.hypot(yy - cy, xx - cx) / (20 * img.shape[0] / REFERENCE_SIZE), 0, 1)
     img[mask] = (np.array(PART_COLOURS[kind])[None] * shade[mask][:, None])
     return mask
 
@@ -111,7 +117,8 @@ def _draw_part(img: np.ndarray, kind: str, cy: float, cx: float) -> np.ndarray:
 def _widget(rng: np.random.Generator, size: int, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A widget image, its ground truth and its true part masks (one slot per part type)."""
     img = _board(rng, size)
-    centres = {p: (c[0] + rng.uniform(-3, 3), c[1] + rng.uniform(-3, 3)) for p, c in PART_CENTRES.items()}
+    unit = size / REFERENCE_SIZE
+    centres = {p: ((c[0] + rng.uniform(-3, 3)) * unit, (c[1] + rng.uniform(-3, 3)) * unit) for p, c in PART_CENTRES.items()}
     gt = np.zeros((size, size), bool)
     parts = {p: np.zeros((size, size), bool) for p in PARTS}
     placed = dict(centres)
@@ -129,13 +136,13 @@ def _widget(rng: np.random.Generator, size: int, kind: str) -> tuple[np.ndarray,
     if kind == "extra":
         part = PARTS[rng.integers(3)]
         cy, cx = FREE_SPOTS[rng.integers(len(FREE_SPOTS))]
-        extra = _draw_part(img, part, cy + rng.uniform(-3, 3), cx + rng.uniform(-3, 3))
+        extra = _draw_part(img, part, (cy + rng.uniform(-3, 3)) * unit, (cx + rng.uniform(-3, 3)) * unit)
         parts[part] |= extra
         gt |= extra
     if kind == "crack":
         part = PARTS[rng.integers(3)]
         cy, cx = placed[part]
-        crack = _segment_mask(size, rng, (30, 40), 2.5, centre=(cy, cx)) & parts[part]
+        crack = _segment_mask(size, rng, (30 * unit, 40 * unit), max(1.5, 2.5 * unit), centre=(cy, cx)) & parts[part]
         img[crack] = 0.08
         gt |= crack
     img = np.clip(img + rng.normal(0, 0.01, img.shape), 0, 1)
@@ -192,13 +199,23 @@ def generate_demo_dataset(
 class DemoDataModule(AnomalyDataModule):
     """The demo dataset; generated on first use (``prepare_data``) under ``root``."""
 
-    def __init__(self, root: str, seed: int = 0, generate_size: int = 192, **kwargs) -> None:
+    def __init__(
+        self,
+        root: str,
+        seed: int = 0,
+        generate_size: int = 192,
+        num_train: int = 60,
+        num_test_good: int = 16,
+        num_test_defect: int = 6,
+        **kwargs,
+    ) -> None:
         kwargs.setdefault("name", "demo")
         super().__init__(root=root, **kwargs)
-        self.seed, self.generate_size = seed, generate_size
+        self.generate_args = dict(seed=seed, size=generate_size, num_train=num_train,
+                                  num_test_good=num_test_good, num_test_defect=num_test_defect)
 
     def prepare_data(self) -> None:
-        generate_demo_dataset(self.root, self.seed, self.generate_size)
+        generate_demo_dataset(self.root, **self.generate_args)
 
     def class_names(self) -> list[str]:
         self.prepare_data()  # also when setup() is called directly

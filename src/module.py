@@ -132,6 +132,9 @@ class AnomalyMoEModule(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         main_opt, est_opt = self.optimizers()
+        # Only the main optimiser's Lightning wrapper steps: Lightning counts global_step per
+        # wrapped optimiser step, and trainer.max_steps means training iterations here.
+        est_opt = est_opt.optimizer
         out = self.net.forward_train(batch["image"], batch.get("image_ae"), batch.get("masks"), batch.get("num_masks"))
         losses, pairs = self.compute_losses(out)
         # The estimator maximises log q(y|x) on the detached pairs of this step. Its loss and the

@@ -108,6 +108,10 @@ class AnomalyMoE(nn.Module):
         ae_channels, student_channels, ae_dropout: global experts (official 32 and (256, 512)).
         component_hidden, component_dropout, component_dilation: component experts.
         gate_hidden: hidden width of the gate.
+        exclude_components_without_masks: an image without component masks is not routed to
+            component experts (they cannot score it: its component map would be 0 and its
+            training loss 0, which pulls the gate towards them). False keeps the original's
+            routing, which ignores the masks.
     """
 
     def __init__(
@@ -132,6 +136,7 @@ class AnomalyMoE(nn.Module):
         component_dropout: float = 0.1,
         component_dilation: int = 5,
         gate_hidden: int = 256,
+        exclude_components_without_masks: bool = True,
     ) -> None:
         super().__init__()
         self.num_experts = (num_patch_experts, num_global_experts, num_component_experts)
@@ -155,6 +160,7 @@ class AnomalyMoE(nn.Module):
         self.fuse_groups_train = [list(g) for g in fuse_groups_train]
         self.fuse_groups_eval = [list(g) for g in fuse_groups_eval]
         self.component_dilation = component_dilation
+        self.exclude_components_without_masks = exclude_components_without_masks
         dim = backbone.embed_dim
         heads = decoder_heads or backbone.vit.blocks[0].attn.num_heads
         self.patch_experts = nn.ModuleList(
@@ -219,9 +225,17 @@ class AnomalyMoE(nn.Module):
             out = self.encoder(torch.cat([image, image_ae]), self.target_layers, cls_batch=b)
         return [t[:b] for t in out.taps], [t[b:] for t in out.taps], out.cls, out.grid
 
-    def _route(self, cls: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _route(self, cls: Tensor, num_masks: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Gate logits (B, E) and the top-k routing weights and mask."""
         logits = self.gating_network(cls)
-        weights, mask = top_k_routing(logits, self.top_k)
+        p, g, k = self.num_experts
+        selectable = logits
+        if self.exclude_components_without_masks and k and p + g >= self.top_k:
+            no_masks = torch.ones_like(logits[:, 0], dtype=torch.bool) if num_masks is None else num_masks == 0
+            blocked = torch.zeros_like(logits, dtype=torch.bool)
+            blocked[:, p + g :] = no_masks[:, None]
+            selectable = logits.masked_fill(blocked, float("-inf"))
+        weights, mask = top_k_routing(selectable, self.top_k)
         return logits, weights, mask
 
     def _patch_runs(self, taps: list[Tensor], groups: list[list[int]], mask: Tensor, grid) -> list[PatchRun | None]:
@@ -283,7 +297,7 @@ class AnomalyMoE(nn.Module):
         groups = self.fuse_groups_train if fuse_groups is None else fuse_groups
         taps, taps_ae, cls, grid = self._encode(image, image_ae)
         prefix = self.encoder.num_prefix_tokens
-        logits, weights, mask = self._route(cls)
+        logits, weights, mask = self._route(cls, num_masks)
         mask_p, mask_g, mask_k = self._split(mask)
         en_maps = [tokens_to_map(t, prefix, grid) for t in fuse(taps, groups)]
         target = tokens_to_map(fuse(taps_ae, groups)[-1], prefix, grid)
@@ -307,7 +321,7 @@ class AnomalyMoE(nn.Module):
         b, _, height, width = image.shape
         taps, _, cls, grid = self._encode(image, None)
         prefix = self.encoder.num_prefix_tokens
-        logits, weights, mask = self._route(cls)
+        logits, weights, mask = self._route(cls, num_masks)
         (w_p, w_g, w_k), (mask_p, mask_g, mask_k) = self._split(weights), self._split(mask)
         en_map = tokens_to_map(fuse(taps, self.fuse_groups_eval)[-1], prefix, grid)
 

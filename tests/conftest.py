@@ -1,0 +1,64 @@
+"""Shared test helpers: tiny models and small datasets that run on a CPU in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # model hubs are never reachable in tests
+os.environ.setdefault("WANDB_MODE", "offline")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_backbone(embed_dim: int = 32, num_heads: int = 2):
+    """Random 12-block DINOv2 with unit LayerScale, so that tokens (and routing) depend on the image."""
+    from src.models.backbone import DinoV2Backbone
+
+    return DinoV2Backbone(
+        weights="random", arch_overrides={"embed_dim": embed_dim, "num_heads": num_heads, "init_values": 1.0}
+    )
+
+
+def tiny_model(**overrides):
+    """A 32-dim AnomalyMoE with 2/2/2 experts and narrow global experts."""
+    from src.models.anomalymoe import AnomalyMoE
+
+    kwargs = dict(
+        num_patch_experts=2, num_global_experts=2, num_component_experts=2, top_k=2,
+        ae_channels=4, student_channels=(8, 16), gate_hidden=16,
+    )
+    kwargs.update(overrides)
+    return AnomalyMoE(tiny_backbone(), **kwargs)
+
+
+def random_masks(batch: int, size: int, counts: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K, S, S) random rectangle masks padded to the largest count, and the counts."""
+    g = torch.Generator().manual_seed(seed)
+    k = max(counts) if counts else 0
+    masks = torch.zeros(batch, k, size, size, dtype=torch.uint8)
+    for b, n in enumerate(counts):
+        for m in range(n):
+            y0, x0 = torch.randint(0, size // 2, (2,), generator=g).tolist()
+            h, w = torch.randint(size // 4, size // 2, (2,), generator=g).tolist()
+            masks[b, m, y0 : y0 + h, x0 : x0 + w] = 1
+    return masks, torch.tensor(counts)
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def small_demo_root(tmp_path_factory) -> Path:
+    """A small demo dataset (few images per class), generated once per test session."""
+    from data_modules.demo import generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    generate_demo_dataset(root, seed=0, size=96, num_train=8, num_test_good=4, num_test_defect=2)
+    return root

@@ -1,0 +1,99 @@
+"""The Hydra entry point: config composition, errors for absent data, and end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from data_modules.base import DataError
+from src.models.checkpoint import ours_to_original
+from tests.conftest import ROOT
+
+CONF = str(ROOT / "conf")
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+DATASETS = sorted(p.stem for p in (ROOT / "conf" / "dataset").glob("*.yaml"))
+
+
+def compose_cfg(overrides: list[str]):
+    os.environ.setdefault("ANOMALYMOE_ROOT", str(ROOT))
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiments_compose(experiment):
+    cfg = compose_cfg([f"experiment={experiment}"])
+    assert cfg.model._target_ and cfg.dataset._target_ and cfg.trainer.max_steps > 0
+
+
+@pytest.mark.parametrize("dataset", [d for d in DATASETS if d != "demo"])
+def test_absent_dataset_names_path_and_source(dataset, tmp_path):
+    cfg = compose_cfg([f"dataset={dataset}", "model.top_k=3", f"dataset.root={tmp_path / 'absent'}"])
+    assert cfg.model.top_k == 3
+    datamodule = instantiate(cfg.dataset)
+    with pytest.raises(DataError, match=r"absent.*(Download|download)"):
+        datamodule.setup()
+
+
+def run_cli(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_demo_train_test_and_original_checkpoint(small_demo_root, tmp_path):
+    common = [
+        "experiment=demo", f"dataset.root={small_demo_root}", f"dataset.component_masks={small_demo_root}/components_true",
+        "dataset.image_size=84", "dataset.resize=96", "dataset.batch_size=4", "trainer.max_steps=4",
+        "trainer.log_every_n_steps=1",
+    ]
+    train_dir = tmp_path / "train"
+    proc = run_cli(*common, f"paths.output_dir={train_dir}")
+    report = json.loads((train_dir / "results.json").read_text())
+    assert set(report["classes"]) == {"demo/fabric", "demo/widget"}
+    assert report["protocol"] == "paper" and report["mean"]["image_auroc"] is not None
+    assert "| fabric |" in proc.stdout and "| **mean** |" in proc.stdout
+    assert (train_dir / "results.csv").is_file() and (train_dir / "config.yaml").is_file()
+    assert len(list((train_dir / "overlays" / "demo__widget").glob("*.png"))) == 6
+    metrics = (train_dir / "csv" / "metrics.csv").read_text()
+    for column in ("train/patch", "train/global", "train/component", "train/esb", "train/eir", "train/estimator"):
+        assert column in metrics
+
+    # The Lightning checkpoint reproduces the numbers.
+    ckpt = train_dir / "checkpoints" / "last.ckpt"
+    test_dir = tmp_path / "test"
+    run_cli(*common, "mode=test", f"ckpt_path={ckpt}", f"paths.output_dir={test_dir}")
+    assert json.loads((test_dir / "results.json").read_text())["classes"] == report["classes"]
+
+    # So does the same network saved with the original's key names (like model_final.pth).
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    net = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    original = tmp_path / "model_final.pth"
+    torch.save({f"module.{k}": v for k, v in ours_to_original(net).items()}, original)
+    orig_dir = tmp_path / "original"
+    run_cli(*common, "mode=test", f"ckpt_path={original}", f"paths.output_dir={orig_dir}")
+    assert json.loads((orig_dir / "results.json").read_text())["classes"] == report["classes"]
+
+
+def test_test_mode_without_checkpoint_is_an_error(small_demo_root, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "experiment=demo", "mode=test", f"dataset.root={small_demo_root}",
+         f"paths.output_dir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "mode=test needs ckpt_path" in proc.stderr
