@@ -1,9 +1,14 @@
-"""What ``run.py`` does for each ``mode``: build objects from the config and run them."""
+"""What ``run.py`` does: build objects from the config and run the selected ``mode``.
+
+Each mode is a module ``src/modes/<mode>.py`` with ``run(cfg) -> float | None``; the shared
+building blocks (components from the config, checkpoint loading) live here.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
-from collections.abc import Callable
+import pkgutil
 from pathlib import Path
 
 import hydra
@@ -62,7 +67,7 @@ def load_weights(module: AnomalyMoEModule, path: str | Path) -> str:
     return "original"
 
 
-def _mean_metric(trainer: Trainer, name: str = "image_auroc") -> float | None:
+def mean_metric(trainer: Trainer, name: str = "image_auroc") -> float | None:
     for callback in trainer.callbacks:
         report = getattr(callback, "report", None)
         if report:
@@ -77,37 +82,22 @@ def save_config(cfg: DictConfig) -> None:
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def train(cfg: DictConfig) -> float | None:
-    """Fit, then test the final weights (the original has no validation split to pick from)."""
-    datamodule, module, trainer = build_components(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    if cfg.get("test_after_training", True):
-        trainer.test(module, datamodule=datamodule)
-    return _mean_metric(trainer)
+def available_modes() -> list[str]:
+    """Every ``mode=`` value: one module with a ``run(cfg)`` function per mode in ``src/modes``."""
+    import src.modes
 
-
-def test(cfg: DictConfig) -> float | None:
-    """Evaluate ``ckpt_path``: a checkpoint of this project or the original ``model_final.pth``."""
-    if not cfg.get("ckpt_path"):
-        raise ValueError("mode=test needs ckpt_path=<Lightning .ckpt or original model_final.pth>")
-    datamodule, module, trainer = build_components(cfg)
-    kind = load_weights(module, cfg.ckpt_path)
-    log.info("Loaded %s checkpoint %s", kind, cfg.ckpt_path)
-    trainer.test(module, datamodule=datamodule)
-    return _mean_metric(trainer)
-
-
-TASKS: dict[str, Callable[[DictConfig], float | None]] = {"train": train, "test": test}
+    return sorted(m.name for m in pkgutil.iter_modules(src.modes.__path__) if not m.name.startswith("_"))
 
 
 def run_task(cfg: DictConfig) -> float | None:
-    if cfg.mode not in TASKS:
-        raise ValueError(f"mode={cfg.mode!r} is not one of {sorted(TASKS)}")
+    """Seed, save the resolved config, run ``src.modes.<mode>.run(cfg)``; returns its metric."""
+    if cfg.mode not in available_modes():
+        raise ValueError(f"mode={cfg.mode!r} is not one of {available_modes()}")
     if cfg.get("seed") is not None:
         seed_everything(cfg.seed, workers=True)
     save_config(cfg)
     try:
-        return TASKS[cfg.mode](cfg)
+        return importlib.import_module(f"src.modes.{cfg.mode}").run(cfg)
     finally:
         _close_wandb()
 

@@ -1,0 +1,1 @@
+"""One module per ``mode=`` value of ``run.py``; each defines ``run(cfg) -> float | None``."""
