@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_modules.components import load_component_masks
 
@@ -217,6 +218,22 @@ class AnomalyDataset(Dataset):
         return item
 
 
+def split_validation(samples: Sequence[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """(validation, test): every class and label gives up ``round(fraction * n)`` evenly spaced
+    samples (at least one where ``fraction > 0`` and the group has two or more)."""
+    if fraction <= 0:
+        return [], list(samples)
+    groups: dict[tuple[str, int], list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault((sample.class_key, sample.label), []).append(sample)
+    held: set[Path] = set()
+    for members in groups.values():
+        n = len(members)
+        take = min(n - 1, max(1, round(fraction * n))) if n > 1 else 0
+        held.update(members[int(i * n / take)].image_path for i in range(take))
+    return [s for s in samples if s.image_path in held], [s for s in samples if s.image_path not in held]
+
+
 def collate_samples(items: list[dict]) -> dict:
     """Default collation, except component masks: padded to the batch's largest count."""
     masks = [item.pop("masks") for item in items] if "masks" in items[0] else None
@@ -246,6 +263,9 @@ class AnomalyDataModule(LightningDataModule):
         eval_jitter: also jitter at test time, like the original (non-deterministic; SPEC B4).
         gt_resize: ``bilinear`` (original; slightly dilates masks) or ``nearest``.
         download_hint: how to get the data, shown when ``root`` is missing.
+        val_fraction: share of each class's test images (good and anomalous alike) held out as a
+            validation set, e.g. for sweeps; they leave the test set. 0 (default, the original
+            protocol): no validation set.
     """
 
     def __init__(
@@ -263,6 +283,7 @@ class AnomalyDataModule(LightningDataModule):
         eval_jitter: bool = False,
         gt_resize: str = "bilinear",
         download_hint: str = "",
+        val_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
@@ -273,7 +294,11 @@ class AnomalyDataModule(LightningDataModule):
         self.component_root = Path(component_masks).expanduser() if component_masks else None
         self.eval_jitter = eval_jitter
         self.download_hint = download_hint
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"dataset.val_fraction={val_fraction}: use a share in [0, 1), e.g. 0.3")
+        self.val_fraction = val_fraction
         self.train_set: AnomalyDataset | None = None
+        self.val_set: AnomalyDataset | None = None
         self.test_set: AnomalyDataset | None = None
 
     # ------------------------------------------------------------------ listing
@@ -304,13 +329,19 @@ class AnomalyDataModule(LightningDataModule):
             samples = [s for c in self.class_names() for s in self.list_samples(c, "train")]
             self.train_set = AnomalyDataset(samples, self.transforms, keys, True, self.component_root)
             log.info("%s: %d training images in %d classes", self.name, len(samples), len(keys))
-        if stage in (None, "test", "validate", "predict") and self.test_set is None:
+        if self.test_set is None and (stage in (None, "test", "predict") or self.val_fraction > 0):
             samples = [s for c in self.class_names() for s in self.list_samples(c, "test")]
-            self.test_set = AnomalyDataset(samples, self.transforms, keys, self.eval_jitter, self.component_root)
-            log.info("%s: %d test images", self.name, len(samples))
+            val, test = split_validation(samples, self.val_fraction)
+            self.test_set = AnomalyDataset(test, self.transforms, keys, self.eval_jitter, self.component_root)
+            if val:
+                self.val_set = AnomalyDataset(val, self.transforms, keys, self.eval_jitter, self.component_root)
+            log.info("%s: %d test images, %d held out for validation", self.name, len(test), len(val))
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(
+        # The training loader is stateful: checkpoints store its position in the epoch (sampler
+        # state, batches served), so a resumed run continues with the same images in the same order.
+        loader_class = StatefulDataLoader if train else DataLoader
+        return loader_class(
             dataset,
             batch_size=batch_size,
             shuffle=train,
@@ -324,6 +355,14 @@ class AnomalyDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup('fit') first"
         return self._loader(self.train_set, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            raise DataError(
+                f"dataset '{self.name}' has no validation set: set dataset.val_fraction (e.g. 0.3) to hold out "
+                "part of each class's test images, or trainer.limit_val_batches=0"
+            )
+        return self._loader(self.val_set, self.test_batch_size, train=False)
 
     def test_dataloader(self) -> DataLoader:
         assert self.test_set is not None, "call setup('test') first"

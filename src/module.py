@@ -8,15 +8,24 @@ Training uses manual optimisation because two optimisers step every iteration (S
    after the main update only to get those pooled vectors, the estimator trains on the
    *detached* features of the same forward pass, i.e. the features from before this step's
    update. This saves about a third of the step time; both losses share one backward pass.
+
+Resumable state (saved in every checkpoint, per rank): the random stream of the training
+steps (dropout masks, the CLUB shuffles) and ``pair_rng`` (which experts EIR pairs). Training
+steps draw from their own stream, not the process-wide one, so what the data loader draws
+(colour jitter, worker seeds) cannot shift it: ``N steps + resume + N steps`` repeats ``2N``
+steps exactly when the data are the same.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from lightning import LightningModule
 from torch import Tensor
 
@@ -74,8 +83,12 @@ class AnomalyMoEModule(LightningModule):
         self.estimator_optimizer_factory = estimator_optimizer
         self.gradient_clip = gradient_clip
         self.evaluator = evaluator or PaperProtocolEvaluator()
+        self.val_evaluator = copy.deepcopy(self.evaluator)  # validation (sweeps) keeps its own state
         self.pair_rng = random.Random(0)
+        self.step_rng: dict[str, Tensor] | None = None  # random state of the training steps
+        self._restored_rng = False
         self.test_results: dict[int, ClassEvaluation] = {}
+        self.val_results: dict[int, ClassEvaluation] = {}
         self.class_keys: list[str] = []
 
     # ------------------------------------------------------------------ optimisers
@@ -102,7 +115,52 @@ class AnomalyMoEModule(LightningModule):
                 f"trainer.precision={precision} needs a gradient scaler, which the clipping of this "
                 "manual-optimisation loop does not handle; use trainer.precision=bf16-mixed or 32."
             )
-        self.pair_rng.seed(self.trainer.global_rank + 1000 * self.current_epoch)
+        if not self._restored_rng:
+            self.pair_rng.seed(self.trainer.global_rank + 1000 * self.current_epoch)
+            generator = torch.Generator().manual_seed(torch.initial_seed() + self.trainer.global_rank)
+            self.step_rng = {"cpu": generator.get_state()}
+
+    # ------------------------------------------------------------------ resumable state
+    @contextmanager
+    def _step_random_stream(self) -> Iterator[None]:
+        """Run the block on the training steps' own random stream, then store where it stands."""
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else [], device_type="cuda"):
+            if self.step_rng is not None:
+                torch.set_rng_state(self.step_rng["cpu"])
+                if cuda and self.step_rng.get("cuda") is not None:
+                    torch.cuda.set_rng_state(self.step_rng["cuda"], self.device)
+            yield
+            self.step_rng = {"cpu": torch.get_rng_state()}
+            if cuda:
+                self.step_rng["cuda"] = torch.cuda.get_rng_state(self.device)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store every rank's random state (called on all ranks; rank 0 writes the file)."""
+        mine = {"pair_rng": self.pair_rng.getstate(), "step_rng": self.step_rng}
+        states = [mine]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, mine)
+        checkpoint["anomalymoe_random_state"] = states
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("anomalymoe_random_state")
+        trainer = self._trainer
+        rank = trainer.global_rank if trainer is not None else 0
+        world = trainer.world_size if trainer is not None else 1
+        if not states:
+            log.warning("The checkpoint has no random state (older format): EIR pairs and dropout restart from seeds.")
+            return
+        if len(states) != world:
+            log.warning(
+                "The checkpoint was written by %d processes, this run has %d: random streams restart from seeds "
+                "(weights, optimisers, estimator and step are restored).", len(states), world
+            )
+            return
+        self.pair_rng.setstate(states[rank]["pair_rng"])
+        self.step_rng = states[rank]["step_rng"]
+        self._restored_rng = True
 
     # ------------------------------------------------------------------ training
     def compute_losses(self, out: TrainOutput) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
@@ -140,15 +198,16 @@ class AnomalyMoEModule(LightningModule):
         # Only the main optimiser's Lightning wrapper steps: Lightning counts global_step per
         # wrapped optimiser step, and trainer.max_steps means training iterations here.
         est_opt = est_opt.optimizer
-        out = self.net.forward_train(batch["image"], batch.get("image_ae"), batch.get("masks"), batch.get("num_masks"))
-        losses, pairs = self.compute_losses(out)
-        # The estimator's loss and the main objective touch disjoint parameters, so one backward
-        # pass serves both.
-        losses["estimator"] = self.estimator_loss(pairs, out.logits)
+        with self._step_random_stream():
+            out = self.net.forward_train(batch["image"], batch.get("image_ae"), batch.get("masks"), batch.get("num_masks"))
+            losses, pairs = self.compute_losses(out)
+            # The estimator's loss and the main objective touch disjoint parameters, so one backward
+            # pass serves both.
+            losses["estimator"] = self.estimator_loss(pairs, out.logits)
 
-        main_opt.zero_grad(set_to_none=True)
-        est_opt.zero_grad(set_to_none=True)
-        self.manual_backward(losses["loss"] + losses["estimator"])
+            main_opt.zero_grad(set_to_none=True)
+            est_opt.zero_grad(set_to_none=True)
+            self.manual_backward(losses["loss"] + losses["estimator"])
         grad_norm = _clip([p for g in main_opt.param_groups for p in g["params"]], self.gradient_clip)
         _clip([p for g in est_opt.param_groups for p in g["params"]], self.gradient_clip)
         main_opt.step()
@@ -157,21 +216,52 @@ class AnomalyMoEModule(LightningModule):
         if scheduler is not None:
             scheduler.step()
 
-        self._log_training(losses, out, grad_norm, main_opt)
+        self._log_training(losses, out, grad_norm, main_opt, batch.get("dataset"))
         return losses["loss"]
 
-    def _log_training(self, losses: dict[str, Tensor], out: TrainOutput, grad_norm: Tensor, opt) -> None:
+    def _expert_names(self) -> list[str]:
+        return [f"{g}{i}" for g, n in zip("pgc", self.net.num_experts) for i in range(n)]
+
+    def _log_training(
+        self, losses: dict[str, Tensor], out: TrainOutput, grad_norm: Tensor, opt, datasets: list[str] | None = None
+    ) -> None:
         logs = {f"train/{k}": v.detach() for k, v in losses.items()}
         logs["train/grad_norm"] = grad_norm
         logs["train/lr"] = torch.tensor(opt.param_groups[0]["lr"])
         probs = torch.softmax(out.logits.detach(), dim=1)
         logs["train/router_entropy"] = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean()
-        load = out.expert_mask.float().mean(0)
-        names = [f"{g}{i}" for g, n in zip("pgc", self.net.num_experts) for i in range(n)]
+        mask = out.expert_mask.float()  # (B, E)
+        names = self._expert_names()
+        load = mask.mean(0)
         logs.update({f"train/load_{name}": load[e] for e, name in enumerate(names)})
+        # Per-dataset routing: the fraction of each dataset's images routed to each expert.
+        for name in sorted(set(datasets or [])):
+            rows = torch.tensor([d == name for d in datasets], device=mask.device)
+            share = mask[rows].mean(0)
+            logs.update({f"train/routing/{name}/{expert}": share[e] for e, expert in enumerate(names)})
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=out.logits.shape[0])
         self.log("train/loss_epoch", losses["loss"].detach(), on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=out.logits.shape[0])
+
+    # ------------------------------------------------------------------ validation (sweeps)
+    def _predict_into(self, evaluator: PaperProtocolEvaluator, batch: dict) -> None:
+        prediction = self.net(batch["image"], batch.get("image_ae"), batch.get("masks"), batch.get("num_masks"))
+        evaluator.update(prediction, batch)
+
+    def on_validation_start(self) -> None:
+        self.val_evaluator.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._predict_into(self.val_evaluator, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/image_auroc`` and ``val/pixel_auroc``: means over classes, the paper's protocol."""
+        self.val_results = self.val_evaluator.compute()  # gathered over processes
+        self.val_evaluator.reset()
+        for metric in ("image_auroc", "pixel_auroc"):
+            values = [r.metrics[metric] for r in self.val_results.values() if r.metrics.get(metric) is not None]
+            if values:
+                self.log(f"val/{metric}", sum(values) / len(values), sync_dist=False)
 
     # ------------------------------------------------------------------ testing
     def on_test_start(self) -> None:
@@ -180,8 +270,7 @@ class AnomalyMoEModule(LightningModule):
         self.class_keys = list(getattr(datamodule, "test_class_keys", []))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        prediction = self.net(batch["image"], batch.get("image_ae"), batch.get("masks"), batch.get("num_masks"))
-        self.evaluator.update(prediction, batch)
+        self._predict_into(self.evaluator, batch)
 
     def on_test_epoch_end(self) -> None:
         self.test_results = self.evaluator.compute()

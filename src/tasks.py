@@ -17,6 +17,7 @@ from lightning import Callback, LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from src.loggers import git_commit
 from src.models.anomalymoe import AnomalyMoE
 from src.models.backbone import WEIGHTS_DEFERRED
 from src.models.checkpoint import check_and_load, check_expert_counts, original_to_ours, read_state_file
@@ -44,8 +45,11 @@ def build_components(cfg: DictConfig) -> tuple[LightningDataModule, AnomalyMoEMo
     callbacks: list[Callback] = _instantiate_list(cfg.get("callbacks"))
     loggers: list[Logger] = _instantiate_list(cfg.get("logger"))
     trainer: Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if loggers:
+        params = OmegaConf.to_container(cfg, resolve=True)
+        params["git"] = git_commit(Path(__file__).resolve().parents[1])
+        for logger in loggers:
+            logger.log_hyperparams(params)
     return datamodule, module, trainer
 
 
