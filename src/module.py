@@ -219,9 +219,6 @@ class AnomalyMoEModule(LightningModule):
         self._log_training(losses, out, grad_norm, main_opt, batch.get("dataset"))
         return losses["loss"]
 
-    def _expert_names(self) -> list[str]:
-        return [f"{g}{i}" for g, n in zip("pgc", self.net.num_experts) for i in range(n)]
-
     def _log_training(
         self, losses: dict[str, Tensor], out: TrainOutput, grad_norm: Tensor, opt, datasets: list[str] | None = None
     ) -> None:
@@ -231,7 +228,7 @@ class AnomalyMoEModule(LightningModule):
         probs = torch.softmax(out.logits.detach(), dim=1)
         logs["train/router_entropy"] = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean()
         mask = out.expert_mask.float()  # (B, E)
-        names = self._expert_names()
+        names = [f"{g}{i}" for g, n in zip("pgc", self.net.num_experts) for i in range(n)]
         load = mask.mean(0)
         logs.update({f"train/load_{name}": load[e] for e, name in enumerate(names)})
         # Per-dataset routing: the fraction of each dataset's images routed to each expert.

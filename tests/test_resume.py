@@ -117,3 +117,18 @@ def test_same_seed_same_weights_and_metrics(small_demo_root, tmp_path):
         results.append((module.state_dict(), metrics))
     assert results[0][1] and results[0][1] == results[1][1]
     assert_same(results[0][0], results[1][0], "weights of two runs with the same seed")
+
+
+def test_resume_path_rules(tmp_path):
+    cfg = compose_cfg(["experiment=demo", f"paths.output_dir={tmp_path}", "ckpt_path=last"])
+    assert resolve_resume_path(cfg) is None  # first try of a requeued job: nothing to resume yet
+    (tmp_path / "checkpoints").mkdir()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"")
+    hpc = tmp_path / "hpc_ckpt_2.ckpt"
+    hpc.write_bytes(b"")
+    os.utime(last, (1, 1))  # the SLURM requeue checkpoint is newer
+    assert resolve_resume_path(cfg) == str(hpc)
+    cfg = compose_cfg(["experiment=demo", f"paths.output_dir={tmp_path}", f"ckpt_path={tmp_path / 'absent.ckpt'}"])
+    with pytest.raises(FileNotFoundError, match="absent.ckpt"):
+        resolve_resume_path(cfg)

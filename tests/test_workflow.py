@@ -100,9 +100,11 @@ def read_wandb_records(path: Path) -> list:
 
 @pytest.mark.slow
 def test_multirun_sweep_on_the_demo_with_offline_wandb(tmp_path):
+    """Two jobs (top_k 1 and 2), each validating on held-out images and logging to csv and W&B."""
     sweep_dir = tmp_path / "sweep"
     run_cli(
-        "-m", "experiment=demo", "model.top_k=1,2", "logger=[csv,wandb]", f"dataset.root={tmp_path / 'data'}",
+        "-m", "experiment=demo", "model.top_k=1,2", "logger=[csv,wandb]", "hparams_search=validation",
+        f"dataset.root={tmp_path / 'data'}",
         f"dataset.component_masks={tmp_path / 'data' / 'components_true'}",
         "+dataset.num_train=4", *SMALL_DEMO, "dataset.batch_size=4", "trainer.max_steps=2",
         "trainer.log_every_n_steps=1", "module.scheduler.warmup_steps=2", f"hydra.sweep.dir={sweep_dir}",
@@ -112,6 +114,8 @@ def test_multirun_sweep_on_the_demo_with_offline_wandb(tmp_path):
         assert yaml.safe_load((job_dir / "config.yaml").read_text())["model"]["top_k"] == top_k
         report = json.loads((job_dir / "results.json").read_text())
         assert set(report["classes"]) == {"demo/fabric", "demo/widget"} and report["mean"]["image_auroc"] is not None
+        # hparams_search=validation held out 8 of the 20 test images (one per class and type)
+        assert sum(c["num_images"] for c in report["classes"].values()) == 12
 
     # The offline W&B run of job 1, read back from its run folder.
     (run_file,) = (sweep_dir / "1" / "wandb").glob("offline-run-*/run-*.wandb")
@@ -119,7 +123,7 @@ def test_multirun_sweep_on_the_demo_with_offline_wandb(tmp_path):
     history = {item.key or "/".join(item.nested_key) for r in records if r.HasField("history") for item in r.history.item}
     for key in ("train/patch", "train/global", "train/component", "train/esb", "train/eir", "train/estimator",
                 "train/lr", "train/grad_norm", "train/router_entropy", "train/load_p0", "train/load_c1",
-                "train/routing/demo/g1", "test/results", "test/overlays/demo__fabric", "test/overlays/demo__widget"):
+                "train/routing/demo/g1", "val/image_auroc", "test/results", "test/overlays/demo__fabric", "test/overlays/demo__widget"):
         # media (tables, images) are logged as nested keys: test/results/_type, ...
         assert key in history or f"{key}/_type" in history, f"{key} not logged; logged: {sorted(history)}"
     config = {u.key: json.loads(u.value_json) for r in records if r.HasField("config") for u in r.config.update}
