@@ -116,9 +116,14 @@ class AnomalyMoEModule(LightningModule):
                 "manual-optimisation loop does not handle; use trainer.precision=bf16-mixed or 32."
             )
         if not self._restored_rng:
+            # Each process gets its own streams (the original seeds 42 + rank).
             self.pair_rng.seed(self.trainer.global_rank + 1000 * self.current_epoch)
-            generator = torch.Generator().manual_seed(torch.initial_seed() + self.trainer.global_rank)
-            self.step_rng = {"cpu": generator.get_state()}
+            seed = (torch.initial_seed() + self.trainer.global_rank) % 2**63
+            self.step_rng = {"cpu": torch.Generator().manual_seed(seed).get_state()}
+            if self.device.type == "cuda":
+                with torch.random.fork_rng(devices=[self.device], device_type="cuda"):
+                    torch.cuda.manual_seed(seed)
+                    self.step_rng["cuda"] = torch.cuda.get_rng_state(self.device)
 
     # ------------------------------------------------------------------ resumable state
     @contextmanager
