@@ -119,11 +119,13 @@ class PixelHistograms:
         """Add (N, H, W) maps with their (N, H, W) boolean ground truth."""
         maps, gt = maps.detach().cpu(), gt.bool().cpu()
         bins = self.bins(maps)
-        self.normal += torch.bincount(bins[~gt], minlength=self.num_bins).double()
-        self.anomalous += torch.bincount(bins[gt], minlength=self.num_bins).double()
-        weights, count = region_weights(gt)
-        self.regions += torch.bincount(bins[gt], weights=weights[gt], minlength=self.num_bins)
-        self.num_regions += count
+        counts = torch.bincount((bins + self.num_bins * gt).flatten(), minlength=2 * self.num_bins).double()
+        self.normal += counts[: self.num_bins]
+        self.anomalous += counts[self.num_bins :]
+        if bool(gt.any()):
+            weights, count = region_weights(gt)
+            self.regions += torch.bincount(bins[gt], weights=weights[gt], minlength=self.num_bins)
+            self.num_regions += count
 
     def state(self) -> Tensor:
         """(3 * num_bins + 1,) float64: everything a distributed sum needs."""
