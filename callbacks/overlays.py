@@ -7,11 +7,10 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-from src.evaluation.visualize import render_panels
+from src.evaluation.visualize import fit_image, render_panels
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +51,7 @@ class AnomalyMapOverlays(Callback):
                 index = int(result.sample_index[pos])
                 heat, gt = result.example(index)
                 sample = dataset.samples[index]
-                size = heat.shape[-1]
-                image = torch.from_numpy(dataset.display_image(index).copy()).permute(2, 0, 1)[None].float()
-                image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True)[0]
-                image = image.clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
+                image = fit_image(dataset.display_image(index), heat.shape[-1])
                 panel = render_panels(image, heat[0].numpy(), vmax, result.pixel_threshold, gt[0].numpy())
                 score = float(result.image_scores[pos])
                 panel.save(folder / f"{tag}_{rank}_{sample.defect_type}_{sample.image_path.stem}_{score:.3f}.png")

@@ -32,7 +32,7 @@ from src.losses import (
     patch_loss,
     select_eir_pairs,
 )
-from src.models.anomalymoe import AnomalyMoE, TrainOutput
+from src.models.anomalymoe import AnomalyMoE, MoEPrediction, TrainOutput
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,12 @@ class AnomalyMoEModule(LightningModule):
                 log.warning("calibration: %s", note)
             self._apply_calibration()
 
+    def anomaly_maps(self, batch: dict) -> MoEPrediction:
+        """Raw per-group maps and routing of a batch (evaluation forward pass)."""
+        return self.net(batch["image"], batch.get("image_ae"), batch.get("masks"), batch.get("num_masks"))
+
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        prediction = self.net(batch["image"], batch.get("image_ae"), batch.get("masks"), batch.get("num_masks"))
+        prediction = self.anomaly_maps(batch)
         if self.calibrate_on_test and dataloader_idx == 0:
             self.calibrator.update(prediction, batch)
         else:

@@ -73,6 +73,11 @@ class ClassEvaluation:
         return self.example_maps[int(pos[0])], self.example_gt[int(pos[0])]
 
 
+def _raw_groups(prediction: MoEPrediction) -> Tensor:
+    """(B, 3, H, W): the patch, global and component raw maps."""
+    return torch.cat([prediction.map_patch, prediction.map_global, prediction.map_component], dim=1)
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -109,16 +114,29 @@ class _MapAccumulator(Metric):
     def _smooth(self, maps: Tensor) -> Tensor:
         return resize_and_smooth(maps, self.eval_size, self.kernel_size, self.sigma)
 
+    def smoothed_groups(self, raw: Tensor) -> Tensor:
+        """(B, G, H, W) raw group maps -> (B, G, S, S) resized and smoothed, ``L(M)``."""
+        b, g = raw.shape[:2]
+        return self._smooth(raw.reshape(b * g, 1, *raw.shape[-2:])).reshape(b, g, self.eval_size, self.eval_size)
+
+    def score(self, prediction: MoEPrediction, stats: NormalStatistics) -> tuple[Tensor, Tensor]:
+        """Final maps (B, 1, S, S) and image scores (B,) of a batch normalised with fixed
+        statistics: each image on its own (inductive protocol, prediction)."""
+        raw = _raw_groups(prediction)
+        low, high = (t.to(raw) for t in stats.tensors())
+        ones = self._smooth(torch.ones(1, 1, 2, 2, device=raw.device))
+        final = combine_groups(self.smoothed_groups(raw), low, high, prediction.group_weights, ones)
+        return final, top_percent_score(final, self.top_fraction)
+
     def update(self, prediction: MoEPrediction, batch: dict) -> None:  # type: ignore[override]
-        raw = torch.cat([prediction.map_patch, prediction.map_global, prediction.map_component], dim=1)  # (B, 3, H, W)
+        raw = _raw_groups(prediction)  # (B, G, H, W)
         finite = torch.isfinite(raw).flatten(1).all(1)
         if not bool(finite.all()):
             paths = [p for p, ok in zip(batch.get("image_path", range(len(finite))), finite.tolist()) if not ok]
             raise FloatingPointError(f"anomaly maps contain NaN or inf for {len(paths)} image(s), e.g. {paths[:3]}; "
                                      "the checkpoint or the input is broken")
-        b, g = raw.shape[:2]
-        smoothed = self._smooth(raw.reshape(b * g, 1, *raw.shape[-2:])).reshape(b, g, self.eval_size, self.eval_size)
-        maps = {"smoothed": smoothed}
+        b = raw.shape[0]
+        maps = {"smoothed": self.smoothed_groups(raw)}
         if self.with_gt:
             maps["gt"] = resize_ground_truth(batch["gt_mask"], self.eval_size).squeeze(1)  # (B, S, S) bool
         start = self.store.append(**maps)
@@ -360,8 +378,8 @@ class NormalCalibrator(_MapAccumulator):
             used = state["group_weights"][sel].amax(0) > 0
             for g, name in enumerate(GROUPS):
                 if used[g] and high[g] <= low[g]:
-                    notes.append(f"{key}: the {name} map is constant ({float(low[g]):.4g}) on all {int(sel.sum())} "
-                                 "normal images; any other value of it dominates the score")
+                    notes.append(f"{key}: the {name} map is {float(low[g]):.4g} on all {int(sel.sum())} normal images "
+                                 "(no range to normalise by): an image where it differs gets a very large score")
             stats[key] = NormalStatistics(
                 low=low.tolist(), high=high.tolist(), threshold=float(torch.quantile(s, self.quantile)),
                 num_images=int(sel.sum()), score_mean=float(s.mean()), score_max=float(s.max()),

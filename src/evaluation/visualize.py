@@ -12,6 +12,11 @@ from PIL import Image
 matplotlib.use("Agg")
 
 
+def fit_image(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8 (bilinear, antialiased), to lie under a map."""
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
 def heat_colours(heat: np.ndarray, vmax: float) -> np.ndarray:
     """(S, S) map -> (S, S, 3) uint8 JET colours of ``heat / vmax`` clipped to [0, 1]."""
     colours = matplotlib.colormaps["jet"](np.clip(heat / max(vmax, 1e-12), 0, 1))[..., :3]
