@@ -171,6 +171,11 @@ class _MapAccumulator(Metric):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers for evaluate()
+    def _empty(self) -> bool:
+        """No image seen (after a sync the list states are single tensors)."""
+        state = self.sample_index
+        return len(state) == 0 if isinstance(state, list) else state.numel() == 0
+
     def _gathered_state(self) -> dict[str, Tensor]:
         """Every process's per-image statistics (already gathered by torchmetrics), each dataset index once."""
         state = {name: dim_zero_cat(getattr(self, name)).cpu() for name in _STATES}
@@ -261,7 +266,7 @@ class AnomalyEvaluator(_MapAccumulator):
         return low, high
 
     def _evaluate(self) -> dict[int, ClassEvaluation]:
-        if not self.sample_index:
+        if self._empty():
             return {}
         state = self._gathered_state()
         classes = state["class_index"]
@@ -357,7 +362,7 @@ class NormalCalibrator(_MapAccumulator):
         self.class_keys: list[str] = []
 
     def _evaluate(self) -> Calibration:
-        if not self.sample_index:
+        if self._empty():
             raise RuntimeError("calibration saw no normal images")
         state = self._gathered_state()
         classes, n = state["class_index"], state["class_index"].numel()
