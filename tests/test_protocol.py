@@ -174,3 +174,16 @@ def test_gaussian_kernel_weights():
 def test_top_percent_score():
     maps = torch.arange(10000, dtype=torch.float32).reshape(1, 1, 100, 100)
     assert top_percent_score(maps, 0.01).item() == sum(range(9900, 10000)) / 100
+
+
+def test_scoring_one_batch_equals_the_inductive_evaluator():
+    maps, weights, gt, labels = make_class(4)
+    stats = NormalStatistics(low=[0.1, 0.0, 0.0], high=[0.9, 0.02, 0.4], threshold=0.0, num_images=1, score_mean=0,
+                             score_max=0)
+    evaluator = AnomalyEvaluator(protocol="inductive", keep_maps=4)
+    evaluator.normalization = {0: stats}
+    feed(evaluator, maps, weights, gt, labels, 0, 0, chunks=2)
+    result = evaluator.evaluate()[0]
+    final, scores = NormalCalibrator().score(MoEPrediction(*maps, torch.zeros(4, 3), torch.zeros(4, 3), weights), stats)
+    torch.testing.assert_close(scores, result.image_scores)
+    torch.testing.assert_close(final, kept_in_index_order(result)[0])
