@@ -85,14 +85,18 @@ def test_streamed_protocol_equals_reference(memory_budget_mb):
         check_against_reference(results[c], *reference_protocol(maps, weights, gt), labels)
 
 
-def test_inductive_protocol_uses_normal_statistics_and_scores_images_alone():
-    maps, weights, gt, labels = make_class(6)
-    stats = NormalStatistics(low=[0.0, 0.0, 0.0], high=[0.8, 0.02, 0.4], threshold=0.0, num_images=1, score_mean=0,
-                             score_max=0)
-    evaluator = AnomalyEvaluator(protocol="inductive", keep_maps=10)
+def inductive_result(maps, weights, gt, labels, low, high):
+    """Fixed statistics and the inductive evaluator's result for one class (kept maps: all)."""
+    stats = NormalStatistics(low=low, high=high, threshold=0.0, num_images=1, score_mean=0, score_max=0)
+    evaluator = AnomalyEvaluator(protocol="inductive", keep_maps=labels.numel())
     evaluator.normalization = {0: stats}
     feed(evaluator, maps, weights, gt, labels, 0, 0, chunks=2)
-    result = evaluator.evaluate()[0]
+    return stats, evaluator.evaluate()[0]
+
+
+def test_inductive_protocol_uses_normal_statistics_and_scores_images_alone():
+    maps, weights, gt, labels = make_class(6)
+    stats, result = inductive_result(maps, weights, gt, labels, low=[0.0, 0.0, 0.0], high=[0.8, 0.02, 0.4])
     check_against_reference(result, *reference_protocol(maps, weights, gt, stats=(stats.low, stats.high)), labels)
     # One image alone gets the same score; under the paper protocol it does not.
     alone = {}
@@ -178,12 +182,7 @@ def test_top_percent_score():
 
 def test_scoring_one_batch_equals_the_inductive_evaluator():
     maps, weights, gt, labels = make_class(4)
-    stats = NormalStatistics(low=[0.1, 0.0, 0.0], high=[0.9, 0.02, 0.4], threshold=0.0, num_images=1, score_mean=0,
-                             score_max=0)
-    evaluator = AnomalyEvaluator(protocol="inductive", keep_maps=4)
-    evaluator.normalization = {0: stats}
-    feed(evaluator, maps, weights, gt, labels, 0, 0, chunks=2)
-    result = evaluator.evaluate()[0]
+    stats, result = inductive_result(maps, weights, gt, labels, low=[0.1, 0.0, 0.0], high=[0.9, 0.02, 0.4])
     final, scores = NormalCalibrator().score(MoEPrediction(*maps, torch.zeros(4, 3), torch.zeros(4, 3), weights), stats)
     torch.testing.assert_close(scores, result.image_scores)
     torch.testing.assert_close(final, kept_in_index_order(result)[0])
