@@ -76,7 +76,7 @@ def main() -> None:
     print(json.dumps({
         "images": args.images, "size": args.size, "protocol": args.protocol, "memory_budget_mb": args.memory_budget_mb,
         "peak_rss_mib": {"before_maps": round(before), "after_streaming": round(streamed), "after_evaluate": round(peak_mib())},
-        "spilled_chunks": evaluator.store.spilled_chunks, "chunks": len(evaluator.store._chunks),
+        "spilled_chunks": evaluator.store.spilled_chunks, "chunks": evaluator.store.num_chunks,
         "held_if_kept_mib": {
             "raw_full_resolution_maps": round(args.images * 3 * args.size**2 * 4 / mib),
             "smoothed_256_maps": round(args.images * 3 * 256**2 * 4 / mib),
