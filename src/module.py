@@ -139,6 +139,11 @@ class AnomalyMoEModule(LightningModule):
         losses["loss"] = losses["recon"] + w.lambda_eir * losses["eir"] + w.lambda_esb * losses["esb"]
         return losses, pairs
 
+    def estimator_loss(self, pairs: dict[str, tuple[Tensor, Tensor]], like: Tensor) -> Tensor:
+        """-(mean over groups of log q(y|x)) on the detached EIR pairs (0 without pairs)."""
+        ll = [self.estimator.log_likelihood(g, x.detach(), y.detach()) for g, (x, y) in pairs.items()]
+        return -torch.stack(ll).sum() / 2 if ll else like.new_zeros(())
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         main_opt, est_opt = self.optimizers()
         # Only the main optimiser's Lightning wrapper steps: Lightning counts global_step per
@@ -146,10 +151,9 @@ class AnomalyMoEModule(LightningModule):
         est_opt = est_opt.optimizer
         out = self.net.forward_train(batch["image"], batch.get("image_ae"), batch.get("masks"), batch.get("num_masks"))
         losses, pairs = self.compute_losses(out)
-        # The estimator maximises log q(y|x) on the detached pairs of this step. Its loss and the
-        # main objective touch disjoint parameters, so one backward pass serves both.
-        ll = [self.estimator.log_likelihood(g, x.detach(), y.detach()) for g, (x, y) in pairs.items()]
-        losses["estimator"] = -torch.stack(ll).sum() / 2 if ll else out.logits.new_zeros(())
+        # The estimator's loss and the main objective touch disjoint parameters, so one backward
+        # pass serves both.
+        losses["estimator"] = self.estimator_loss(pairs, out.logits)
 
         main_opt.zero_grad(set_to_none=True)
         est_opt.zero_grad(set_to_none=True)

@@ -187,3 +187,17 @@ def test_images_without_component_masks_skip_component_experts(batch, exclude):
     assert chosen[counts > 0].all()
     assert chosen[1].any() != exclude
     assert (out.routing_weights > 0).sum(1).tolist() == [3] * 5
+
+
+@pytest.mark.slow
+def test_channels_last_and_compiled_experts_give_the_same_maps(batch):
+    image, image_ae, masks, counts = batch
+    reference = tiny_model().eval()
+    variants = [tiny_model(channels_last=True), tiny_model(compile_experts=True, compile_backend="eager")]
+    with torch.no_grad():
+        expected = reference(image, image_ae, masks, counts)
+        for variant in variants:
+            variant.load_state_dict(reference.state_dict())  # same keys: compiled views are not modules
+            out = variant.eval()(image, image_ae, masks, counts)
+            for name in ("map_patch", "map_global", "map_component"):
+                torch.testing.assert_close(getattr(out, name), getattr(expected, name), atol=1e-5, rtol=1e-5)

@@ -112,6 +112,15 @@ class AnomalyMoE(nn.Module):
             component experts (they cannot score it: its component map would be 0 and its
             training loss 0, which pulls the gate towards them). False keeps the original's
             routing, which ignores the masks.
+        original_encoder_passes: run the encoder like the original: two full passes (image and
+            jittered image), at test time too, instead of one batched pass that stops at the
+            deepest tapped block for the jittered copy and is skipped at test time. Same tokens;
+            only useful to measure the original's cost.
+        channels_last: keep the convolutional global experts in channels-last memory format
+            (faster convolutions on recent GPUs).
+        compile_experts: ``torch.compile`` each patch and global expert (dynamic batch size,
+            since sparse dispatch gives each expert a varying number of images), with
+            ``compile_backend``.
     """
 
     def __init__(
@@ -137,6 +146,10 @@ class AnomalyMoE(nn.Module):
         component_dilation: int = 5,
         gate_hidden: int = 256,
         exclude_components_without_masks: bool = True,
+        original_encoder_passes: bool = False,
+        channels_last: bool = False,
+        compile_experts: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         self.num_experts = (num_patch_experts, num_global_experts, num_component_experts)
@@ -174,6 +187,16 @@ class AnomalyMoE(nn.Module):
         )
         self.gating_network = GatingNetwork(dim, total, gate_hidden)
         self.reset_parameters()
+        self.original_encoder_passes = original_encoder_passes
+        self.channels_last = channels_last
+        if channels_last:
+            self.global_experts.to(memory_format=torch.channels_last)
+        # Compiled views share the experts' parameters and stay out of the state dict.
+        def maybe_compile(expert: nn.Module):
+            return torch.compile(expert, dynamic=True, backend=compile_backend) if compile_experts else expert
+
+        self._run_patch = [maybe_compile(e) for e in self.patch_experts]
+        self._run_global = [maybe_compile(e) for e in self.global_experts]
 
     # ------------------------------------------------------------------ init
     def trainable_groups(self) -> dict[str, nn.Module]:
@@ -219,6 +242,10 @@ class AnomalyMoE(nn.Module):
         """Tapped tokens of ``image`` (and of ``image_ae`` when given) in one batched pass."""
         b = image.shape[0]
         with torch.no_grad():
+            if self.original_encoder_passes and image_ae is not None:
+                out = self.encoder(image, self.target_layers)
+                ae = self.encoder(image_ae, self.target_layers)  # all blocks, as the original
+                return out.taps, ae.taps, out.cls, out.grid
             if image_ae is None:
                 out = self.encoder(image, self.target_layers)
                 return out.taps, None, out.cls, out.grid
@@ -247,19 +274,21 @@ class AnomalyMoE(nn.Module):
             if rows.numel() == 0:
                 runs.append(None)
                 continue
-            de = expert(bottleneck_in[rows])
+            de = self._run_patch[i](bottleneck_in[rows])
             de_maps = [tokens_to_map(t, prefix, grid) for t in fuse(de, groups)]
             runs.append(PatchRun(rows, de_maps, de_maps[-1].mean(dim=(2, 3))))
         return runs
 
     def _global_runs(self, image_ae: Tensor, mask: Tensor, grid) -> list[GlobalRun | None]:
         runs: list[GlobalRun | None] = []
-        for j, expert in enumerate(self.global_experts):
+        if self.channels_last:
+            image_ae = image_ae.contiguous(memory_format=torch.channels_last)
+        for j in range(len(self.global_experts)):
             rows = self._rows(mask[:, j])
             if rows.numel() == 0:
                 runs.append(None)
                 continue
-            ae, student = expert(image_ae[rows], grid)
+            ae, student = self._run_global[j](image_ae[rows], grid)
             runs.append(GlobalRun(rows, ae, student, student.mean(dim=(2, 3))))
         return runs
 
@@ -319,7 +348,8 @@ class AnomalyMoE(nn.Module):
         """Raw per-group anomaly maps at image resolution (SPEC 8.1)."""
         image_ae = image if image_ae is None else image_ae
         b, _, height, width = image.shape
-        taps, _, cls, grid = self._encode(image, None)
+        # The original also encodes the jittered image at test time, for nothing.
+        taps, _, cls, grid = self._encode(image, image_ae if self.original_encoder_passes else None)
         prefix = self.encoder.num_prefix_tokens
         logits, weights, mask = self._route(cls, num_masks)
         (w_p, w_g, w_k), (mask_p, mask_g, mask_k) = self._split(weights), self._split(mask)
