@@ -140,8 +140,7 @@ class _MapAccumulator(Metric):
         if self.with_gt:
             maps["gt"] = resize_ground_truth(batch["gt_mask"], self.eval_size).squeeze(1)  # (B, S, S) bool
         start = self.store.append(**maps)
-        if self.store.num_chunks % 8 == 0:
-            release_freed_memory()
+        release_freed_memory()
         device = raw.device
         self.sample_index.append(torch.as_tensor(batch["index"], device=device))
         self.class_index.append(torch.as_tensor(batch["class_index"], device=device))
@@ -194,9 +193,8 @@ class _MapAccumulator(Metric):
         lookup = torch.full((len(self.store),), -1, dtype=torch.long)
         lookup[state["row"][mine]] = mine
         ones = self._smooth(torch.ones(1, 1, 2, 2))  # border effect of the zero padding
-        for number, (start, chunk) in enumerate(self.store.chunks()):
-            if number % 8 == 7:
-                release_freed_memory()
+        for start, chunk in self.store.chunks():
+            release_freed_memory()
             rows = torch.arange(start, start + chunk["smoothed"].shape[0])
             pos = lookup[rows]
             sel = pos >= 0
