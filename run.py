@@ -1,4 +1,4 @@
-"""AnomalyMoE entry point: ``python run.py [mode=train|test] [group=option ...] [key=value ...]``.
+"""AnomalyMoE entry point: ``python run.py [mode=train|test|predict] [group=option ...] [key=value ...]``.
 
 Composes ``conf/config.yaml`` with Hydra and hands it to :func:`src.tasks.run_task`; all logic
 lives in the modules. Returns the mean image AUROC, so Hydra sweepers can optimise it.

@@ -1,32 +1,42 @@
-"""Write the test results of a run: ``results.json``, ``results.csv`` and printed tables."""
+"""Write the test results of a run: ``results.json``, ``results.csv``, printed tables, the routing
+figure and the normal-image calibration."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+import numpy as np
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-from src.evaluation.report import build_report, markdown_tables, write_report
+from src.evaluation.report import markdown_tables, write_report
+from src.evaluation.visualize import routing_figure
 
 log = logging.getLogger(__name__)
 
 
 class ResultsWriter(Callback):
-    """After ``trainer.test``: build the report from ``pl_module.test_results`` and write it."""
+    """After ``trainer.test``: write ``pl_module.test_report`` (built in ``on_test_epoch_end``),
+    ``routing.png`` and, when the run calibrated, ``calibration.json``."""
 
-    def __init__(self, output_dir: str, protocol: str = "paper") -> None:
+    def __init__(self, output_dir: str) -> None:
         self.output_dir = Path(output_dir)
-        self.protocol = protocol
         self.report: dict | None = None
 
     @rank_zero_only
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not pl_module.test_results:
+        self.report = getattr(pl_module, "test_report", None)
+        if not self.report:
             log.warning("No test results to write (empty test set?).")
             return
-        self.report = build_report(pl_module.test_results, pl_module.class_keys, self.protocol)
         paths = write_report(self.report, self.output_dir)
+        routing = self.report.get("routing")
+        if routing:
+            rows = list(routing["classes"])
+            fractions = np.array([routing["classes"][k]["selected"] for k in rows])
+            paths.append(routing_figure(fractions, rows, routing["experts"], self.output_dir / "routing.png"))
+        if pl_module.calibrate_on_test and pl_module.calibration is not None:
+            paths.append(pl_module.calibration.save(self.output_dir / "calibration.json"))
         print("\n" + markdown_tables(self.report) + "\n", flush=True)
         log.info("Results written to %s", ", ".join(str(p) for p in paths))

@@ -367,3 +367,18 @@ class AnomalyDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         assert self.test_set is not None, "call setup('test') first"
         return self._loader(self.test_set, self.test_batch_size, train=False)
+
+    def normal_dataloader(self, images_per_class: int | None = None) -> DataLoader:
+        """Normal training images with the test-time pipeline: statistics of normal data
+        (inductive protocol, decision thresholds). Up to ``images_per_class`` per class, evenly
+        spaced over the sorted list (``None``: all)."""
+        samples = []
+        for class_name in self.class_names():
+            listed = self.list_samples(class_name, "train")
+            if images_per_class is not None and len(listed) > images_per_class:
+                picks = np.linspace(0, len(listed) - 1, images_per_class).round().astype(int)
+                listed = [listed[i] for i in picks]
+            samples += listed
+        dataset = AnomalyDataset(samples, self.transforms, self.test_class_keys, self.eval_jitter, self.component_root)
+        log.info("%s: %d normal training images for calibration", self.name, len(samples))
+        return self._loader(dataset, self.test_batch_size, train=False)

@@ -29,7 +29,9 @@ import torch.distributed as dist
 from lightning import LightningModule
 from torch import Tensor
 
-from src.evaluation.evaluator import ClassEvaluation, PaperProtocolEvaluator
+from src.evaluation.calibration import Calibration
+from src.evaluation.evaluator import AnomalyEvaluator, ClassEvaluation, NormalCalibrator
+from src.evaluation.report import build_report
 from src.losses import (
     CLUBEstimator,
     LossWeights,
@@ -39,7 +41,7 @@ from src.losses import (
     patch_loss,
     select_eir_pairs,
 )
-from src.models.anomalymoe import AnomalyMoE, TrainOutput
+from src.models.anomalymoe import AnomalyMoE, MoEPrediction, TrainOutput
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,8 @@ class AnomalyMoEModule(LightningModule):
     scheduler: partial LR scheduler for that optimiser, stepped every iteration (or None).
     estimator_optimizer: partial optimiser for the CLUB estimator.
     gradient_clip: max global gradient norm of each optimiser's parameters (original: 0.1).
-    evaluator: test-time protocol; defaults to the original's.
+    evaluator: test-time protocol and metrics; defaults to the original's protocol.
+    calibrator: statistics of normal images (inductive protocol, decision threshold).
     """
 
     def __init__(
@@ -71,7 +74,8 @@ class AnomalyMoEModule(LightningModule):
         scheduler: Callable | None = None,
         estimator_optimizer: Callable | None = None,
         gradient_clip: float = 0.1,
-        evaluator: PaperProtocolEvaluator | None = None,
+        evaluator: AnomalyEvaluator | None = None,
+        calibrator: NormalCalibrator | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -82,14 +86,19 @@ class AnomalyMoEModule(LightningModule):
         self.scheduler_factory = scheduler
         self.estimator_optimizer_factory = estimator_optimizer
         self.gradient_clip = gradient_clip
-        self.evaluator = evaluator or PaperProtocolEvaluator()
+        self.evaluator = evaluator or AnomalyEvaluator()
         self.val_evaluator = copy.deepcopy(self.evaluator)  # validation (sweeps) keeps its own state
+        self.calibrator = calibrator or NormalCalibrator()
         self.pair_rng = random.Random(0)
         self.step_rng: dict[str, Tensor] | None = None  # random state of the training steps
         self._restored_rng = False
-        self.test_results: dict[int, ClassEvaluation] = {}
         self.val_results: dict[int, ClassEvaluation] = {}
+        # Set by src.tasks.run_test: test classes, and whether dataloader 0 holds normal images to calibrate on.
         self.class_keys: list[str] = []
+        self.calibrate_on_test = False
+        self.calibration: Calibration | None = None  # from the checkpoint or computed during test
+        self.test_results: dict[int, ClassEvaluation] = {}
+        self.test_report: dict | None = None
 
     # ------------------------------------------------------------------ optimisers
     def configure_optimizers(self):
@@ -148,8 +157,12 @@ class AnomalyMoEModule(LightningModule):
             states = [None] * dist.get_world_size()
             dist.all_gather_object(states, mine)
         checkpoint["anomalymoe_random_state"] = states
+        if self.calibration is not None:
+            checkpoint["calibration"] = self.calibration.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "calibration" in checkpoint:
+            self.calibration = Calibration.from_dict(checkpoint["calibration"])
         states = checkpoint.get("anomalymoe_random_state")
         trainer = self._trainer
         rank = trainer.global_rank if trainer is not None else 0
@@ -246,19 +259,15 @@ class AnomalyMoEModule(LightningModule):
                  batch_size=out.logits.shape[0])
 
     # ------------------------------------------------------------------ validation (sweeps)
-    def _predict_into(self, evaluator: PaperProtocolEvaluator, batch: dict) -> None:
-        prediction = self.net(batch["image"], batch.get("image_ae"), batch.get("masks"), batch.get("num_masks"))
-        evaluator.update(prediction, batch)
-
     def on_validation_start(self) -> None:
         self.val_evaluator.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._predict_into(self.val_evaluator, batch)
+        self.val_evaluator.update(self.anomaly_maps(batch), batch)
 
     def on_validation_epoch_end(self) -> None:
         """``val/image_auroc`` and ``val/pixel_auroc``: means over classes, the paper's protocol."""
-        self.val_results = self.val_evaluator.compute()  # gathered over processes
+        self.val_results = self.val_evaluator.evaluate()  # gathered over processes
         self.val_evaluator.reset()
         for metric in ("image_auroc", "pixel_auroc"):
             values = [r.metrics[metric] for r in self.val_results.values() if r.metrics.get(metric) is not None]
@@ -266,21 +275,57 @@ class AnomalyMoEModule(LightningModule):
                 self.log(f"val/{metric}", sum(values) / len(values), sync_dist=False)
 
     # ------------------------------------------------------------------ testing
+    # With ``calibrate_on_test`` the test loop has two dataloaders: 0 = normal training images
+    # (their statistics are computed and synchronised before the first test batch), 1 = the test set.
     def on_test_start(self) -> None:
         self.evaluator.reset()
-        datamodule = getattr(self.trainer, "datamodule", None)
-        self.class_keys = list(getattr(datamodule, "test_class_keys", []))
+        self.calibrator.reset()
+        self.calibrator.class_keys = self.class_keys
+        if not self.calibrate_on_test:
+            self._apply_calibration()
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._predict_into(self.evaluator, batch)
+    def on_test_batch_start(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.calibrate_on_test and dataloader_idx == 1 and batch_idx == 0:
+            self.calibration = self.calibrator.evaluate()  # every process reaches this point: a collective
+            self.calibrator.reset()
+            for note in self.calibration.notes:
+                log.warning("calibration: %s", note)
+            self._apply_calibration()
+
+    def anomaly_maps(self, batch: dict) -> MoEPrediction:
+        """Raw per-group maps and routing of a batch (evaluation forward pass)."""
+        return self.net(batch["image"], batch.get("image_ae"), batch.get("masks"), batch.get("num_masks"))
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        prediction = self.anomaly_maps(batch)
+        if self.calibrate_on_test and dataloader_idx == 0:
+            self.calibrator.update(prediction, batch)
+        else:
+            self.evaluator.update(prediction, batch)
+
+    def _apply_calibration(self) -> None:
+        """Hand the normal-image statistics of every test class to an inductive evaluator."""
+        if self.evaluator.protocol != "inductive":
+            return
+        if self.calibration is None:
+            raise RuntimeError("evaluation.protocol=inductive needs normal-image statistics: test with a checkpoint "
+                               "that holds them or let src.tasks.run_test compute them (evaluation.recalibrate=true)")
+        missing = [k for k in self.class_keys if k not in self.calibration.stats]
+        if missing:
+            raise KeyError(f"the calibration has no statistics for test classes {missing} (it has "
+                           f"{sorted(self.calibration.stats)}); set evaluation.recalibrate=true")
+        self.evaluator.normalization = {i: self.calibration.stats[k] for i, k in enumerate(self.class_keys)}
 
     def on_test_epoch_end(self) -> None:
-        self.test_results = self.evaluator.compute()
-        for cls, result in self.test_results.items():
-            key = self.class_keys[cls] if cls < len(self.class_keys) else str(cls)
-            for metric, value in result.metrics.items():
-                if value is not None:
-                    self.log(f"test/{key}/{metric}", value, sync_dist=False, rank_zero_only=True)
-            for note in result.notes:
-                log.warning("%s: %s", key, note)
+        self.test_results = self.evaluator.evaluate()
         self.evaluator.reset()
+        self.test_report = build_report(self.test_results, self.class_keys, self.evaluator.protocol,
+                                        self.net.num_experts, self.calibration)
+        logs = {f"test/{k}": v for k, v in self.test_report["mean"].items() if v is not None}
+        for level in ("datasets", "classes"):
+            for key, values in self.test_report[level].items():
+                logs.update({f"test/{key}/{m}": values[m] for m in self.test_report["metrics"] if values[m] is not None})
+                for note in values.get("notes", []):
+                    log.warning("%s: %s", key, note)
+        self.log_dict(logs, sync_dist=False, rank_zero_only=True, add_dataloader_idx=False)
+

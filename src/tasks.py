@@ -33,8 +33,8 @@ def _instantiate_list(cfg: DictConfig | None) -> list:
     return [hydra.utils.instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
-def build_components(cfg: DictConfig) -> tuple[LightningDataModule, AnomalyMoEModule, Trainer]:
-    """Datamodule, Lightning module and trainer from the composed config."""
+def build_module(cfg: DictConfig) -> tuple[LightningDataModule, AnomalyMoEModule]:
+    """Datamodule and Lightning module from the composed config."""
     if cfg.get("ckpt_path"):
         # The checkpoint holds the encoder: do not download or load backbone weights first.
         with open_dict(cfg):
@@ -42,6 +42,12 @@ def build_components(cfg: DictConfig) -> tuple[LightningDataModule, AnomalyMoEMo
     datamodule: LightningDataModule = hydra.utils.instantiate(cfg.dataset)
     net: AnomalyMoE = hydra.utils.instantiate(cfg.model)
     module: AnomalyMoEModule = hydra.utils.instantiate(cfg.module, net=net)
+    return datamodule, module
+
+
+def build_components(cfg: DictConfig) -> tuple[LightningDataModule, AnomalyMoEModule, Trainer]:
+    """Datamodule, Lightning module and trainer from the composed config."""
+    datamodule, module = build_module(cfg)
     callbacks: list[Callback] = _instantiate_list(cfg.get("callbacks"))
     loggers: list[Logger] = _instantiate_list(cfg.get("logger"))
     trainer: Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -56,7 +62,8 @@ def build_components(cfg: DictConfig) -> tuple[LightningDataModule, AnomalyMoEMo
 def load_weights(module: AnomalyMoEModule, path: str | Path) -> str:
     """Load a Lightning ``.ckpt`` of this project or an original-format state dict.
 
-    Returns which format it was. Both paths are strict: every key must match.
+    Returns which format it was. Both paths are strict: every key must match. A Lightning
+    checkpoint's normal-image calibration (if any) is loaded too.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -64,11 +71,34 @@ def load_weights(module: AnomalyMoEModule, path: str | Path) -> str:
     if path.suffix == ".ckpt":  # our own Lightning checkpoints (trusted pickles)
         raw = torch.load(path, map_location="cpu", weights_only=False)
         check_and_load(module, raw["state_dict"], f"Lightning checkpoint {path}")
+        module.on_load_checkpoint(raw)
         return "lightning"
     state = original_to_ours(read_state_file(path))
     check_expert_counts(state, module.net.expert_counts(), f"checkpoint {path}")
     check_and_load(module.net, state, f"original-format checkpoint {path}")
     return "original"
+
+
+def run_test(trainer: Trainer, module: AnomalyMoEModule, datamodule: LightningDataModule, cfg: DictConfig,
+             calibrate: bool = False) -> None:
+    """``trainer.test`` on the datamodule's test set.
+
+    The normal-image calibration (:mod:`src.evaluation.calibration`) is computed first, in the
+    same loop (dataloader 0 = normal training images), when ``calibrate`` is set,
+    ``evaluation.recalibrate`` is true, or the inductive protocol needs it and the module has
+    none. The ``ResultsWriter`` then saves it as ``calibration.json`` in the run folder.
+    """
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    module.class_keys = list(datamodule.test_class_keys)
+    needed = module.evaluator.protocol == "inductive" and module.calibration is None
+    module.calibrate_on_test = calibrate or bool(cfg.evaluation.recalibrate) or needed
+    loaders = [datamodule.test_dataloader()]
+    if module.calibrate_on_test:
+        loaders.insert(0, datamodule.normal_dataloader(module.calibrator.images_per_class))
+    log.info("Testing with the %s protocol%s", module.evaluator.protocol,
+             ", after calibrating on normal training images" if module.calibrate_on_test else "")
+    trainer.test(module, dataloaders=loaders, verbose=False)  # the ResultsWriter prints the tables
 
 
 def mean_metric(trainer: Trainer, name: str = "image_auroc") -> float | None:

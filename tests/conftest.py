@@ -62,3 +62,35 @@ def small_demo_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
     generate_demo_dataset(root, seed=0, size=96, num_train=8, num_test_good=4, num_test_defect=2)
     return root
+
+
+def compose_cfg(overrides: list[str], hydra_node: bool = False):
+    """The project's config composed like ``run.py`` does, with ``overrides`` (set
+    ``paths.output_dir`` unless ``hydra_node``: it defaults to Hydra's run folder)."""
+    from hydra import compose, initialize_config_dir
+
+    os.environ.setdefault("ANOMALYMOE_ROOT", str(ROOT))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra_node)
+
+
+def small_demo_overrides(root: Path) -> list[str]:
+    """The demo experiment on ``small_demo_root`` at 84 px (the generator settings match, so nothing is regenerated)."""
+    return [
+        "experiment=demo", f"dataset.root={root}", f"dataset.component_masks={root}/components_true",
+        "+dataset.generate_size=96", "+dataset.num_train=8", "+dataset.num_test_good=4", "+dataset.num_test_defect=2",
+        "dataset.image_size=84", "dataset.resize=96",
+    ]
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(small_demo_root, tmp_path_factory) -> Path:
+    """A Lightning-format checkpoint of the demo model (initial weights), without calibration."""
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg([*small_demo_overrides(small_demo_root), "seed=0"])
+    torch.manual_seed(0)
+    module = instantiate(cfg.module, net=instantiate(cfg.model))
+    path = tmp_path_factory.mktemp("ckpt") / "demo.ckpt"
+    torch.save({"state_dict": module.state_dict()}, path)
+    return path

@@ -12,10 +12,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from PIL import Image
 
 from data_modules.base import DataError
+from src.evaluation.metrics import METRICS
 from src.models.checkpoint import ours_to_original
-from tests.conftest import ROOT
+from tests.conftest import ROOT, small_demo_overrides
 
 CONF = str(ROOT / "conf")
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
@@ -55,19 +57,24 @@ def run_cli(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_demo_train_test_and_original_checkpoint(small_demo_root, tmp_path):
-    common = [
-        "experiment=demo", f"dataset.root={small_demo_root}", f"dataset.component_masks={small_demo_root}/components_true",
-        "dataset.image_size=84", "dataset.resize=96", "dataset.batch_size=4", "trainer.max_steps=4",
-        "trainer.log_every_n_steps=1",
-    ]
+    common = [*small_demo_overrides(small_demo_root), "dataset.batch_size=4", "trainer.max_steps=4",
+              "trainer.log_every_n_steps=1"]
     train_dir = tmp_path / "train"
     proc = run_cli(*common, f"paths.output_dir={train_dir}")
     report = json.loads((train_dir / "results.json").read_text())
     assert set(report["classes"]) == {"demo/fabric", "demo/widget"}
     assert report["protocol"] == "paper" and report["mean"]["image_auroc"] is not None
-    assert "| fabric |" in proc.stdout and "| **mean** |" in proc.stdout
-    assert (train_dir / "results.csv").is_file() and (train_dir / "config.yaml").is_file()
-    assert len(list((train_dir / "overlays" / "demo__widget").glob("*.png"))) == 6
+    assert set(report["metrics"]) == set(METRICS) and all(report["mean"][m] is not None for m in METRICS)
+    assert "| class | image_auroc | image_ap |" in proc.stdout and "| fabric |" in proc.stdout
+    assert "| **mean** |" in proc.stdout and "mean routing weight per expert group" in proc.stdout
+    csv_rows = (train_dir / "results.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("level,name,image_auroc") and len(csv_rows) == 1 + 2 + 1 + 1
+    assert (train_dir / "config.yaml").is_file() and (train_dir / "routing.png").is_file()
+    assert len(report["routing"]["classes"]["demo/widget"]["selected"]) == 6
+    overlays = sorted((train_dir / "overlays" / "demo__widget").glob("*.png"))
+    assert len(overlays) == 6 and Image.open(overlays[0]).size == (4 * 256, 256)  # image, gt, heat, predicted mask
+    calibration = json.loads((train_dir / "calibration.json").read_text())
+    assert torch.load(train_dir / "checkpoints" / "last.ckpt", weights_only=False)["calibration"] == calibration
     metrics = (train_dir / "csv" / "metrics.csv").read_text()
     for column in ("train/patch", "train/global", "train/component", "train/esb", "train/eir", "train/estimator"):
         assert column in metrics
@@ -77,6 +84,16 @@ def test_demo_train_test_and_original_checkpoint(small_demo_root, tmp_path):
     test_dir = tmp_path / "test"
     run_cli(*common, "mode=test", f"ckpt_path={ckpt}", f"paths.output_dir={test_dir}")
     assert json.loads((test_dir / "results.json").read_text())["classes"] == report["classes"]
+
+    # The inductive protocol uses the checkpoint's calibration and reports the threshold's rates.
+    inductive_dir = tmp_path / "inductive"
+    run_cli(*common, "mode=test", f"ckpt_path={ckpt}", "evaluation.protocol=inductive",
+            f"paths.output_dir={inductive_dir}")
+    inductive = json.loads((inductive_dir / "results.json").read_text())
+    assert inductive["protocol"] == "inductive" and not (inductive_dir / "calibration.json").exists()
+    decision = inductive["classes"]["demo/widget"]["decision"]
+    assert decision["threshold"] == calibration["stats"]["demo/widget"]["threshold"]
+    assert 0 <= decision["false_positive_rate"] <= 1 and 0 <= decision["true_positive_rate"] <= 1
 
     # So does the same network saved with the original's key names (like model_final.pth).
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]

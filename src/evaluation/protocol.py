@@ -52,14 +52,15 @@ def combine_groups(
 
     Args:
         smoothed: (N, G, S, S) L(M_g) per image and group.
-        minimum, maximum: (G,) class-wide extremes of each raw group map (full resolution).
+        minimum, maximum: (G,) or (N, G) extremes of each raw group map (full resolution) used to
+            normalise it: the class's test set (paper protocol) or normal images (inductive).
         group_weights: (N, G) largest routing weight of each group per image.
         ones_smoothed: (1, 1, S, S) L applied to a map of ones (the border effect of padding).
     Returns:
         (N, 1, S, S) final anomaly maps.
     """
     scale = group_weights / (maximum - minimum + RANGE_EPS)  # (N, G)
-    shifted = smoothed - minimum[None, :, None, None] * ones_smoothed  # (N, G, S, S)
+    shifted = smoothed - minimum[..., None, None] * ones_smoothed  # (N, G, S, S)
     return (scale[:, :, None, None] * shifted).sum(dim=1, keepdim=True)
 
 

@@ -1,4 +1,9 @@
-"""Per-class, per-dataset and overall results: ``results.json``, ``results.csv`` and a Markdown table."""
+"""Per-class, per-dataset and overall results: ``results.json``, ``results.csv``, Markdown tables, routing.
+
+Dataset numbers are unweighted means over the dataset's classes, the overall numbers the mean
+over all classes (as the paper reports); undefined metrics (``None``) are left out of means and
+the classes' notes say why.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,12 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from src.evaluation.evaluator import ClassEvaluation
+import numpy as np
+import torch
+
+from src.evaluation.calibration import GROUPS, Calibration
+from src.evaluation.evaluator import PROTOCOLS, ClassEvaluation
+from src.evaluation.metrics import METRICS
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -16,30 +26,81 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
-def build_report(results: Mapping[int, ClassEvaluation], class_keys: Sequence[str], protocol: str = "paper") -> dict:
-    """``{"protocol", "classes": {"<dataset>/<class>": metrics}, "datasets": {name: means}, "mean": means}``.
+def _dataset(key: str) -> str:
+    return key.split("/")[0]
 
-    Dataset numbers are unweighted means over its classes, the overall number the mean over
-    classes (as the paper reports); undefined metrics (``None``) are left out of means.
-    """
+
+def expert_names(counts: Sequence[int]) -> list[str]:
+    """``patch0 .. global0 .. component0 ..`` for (P, G, K) experts."""
+    return [f"{group}{i}" for group, n in zip(GROUPS, counts) for i in range(n)]
+
+
+def routing_summary(results: Mapping[str, ClassEvaluation], counts: Sequence[int]) -> dict:
+    """Per class: fraction of images routed to each expert and mean routing weight per expert;
+    per dataset: the mean total routing weight of each expert group over its images."""
+    bounds = np.cumsum([0, *counts])
+    classes, datasets = {}, {}
+    for key, result in results.items():
+        w = result.routing_weights.float()
+        classes[key] = {"selected": (w > 0).float().mean(0).tolist(), "mean_weight": w.mean(0).tolist()}
+        datasets.setdefault(_dataset(key), []).append(w)
+    group_weight = {}
+    for name, weights in datasets.items():
+        w = torch.cat(weights)
+        group_weight[name] = {g: float(w[:, bounds[i] : bounds[i + 1]].sum(1).mean()) for i, g in enumerate(GROUPS)}
+        group_weight[name]["num_images"] = int(w.shape[0])
+    return {"experts": expert_names(counts), "classes": classes, "group_weight": group_weight}
+
+
+def _decision(result: ClassEvaluation, threshold: float) -> dict:
+    """How the normal-data threshold does on the test set of a class."""
+    anomalous = result.image_scores >= threshold
+    labels = result.labels.bool()
+    return {
+        "threshold": threshold,
+        "false_positive_rate": float(anomalous[~labels].float().mean()) if (~labels).any() else None,
+        "true_positive_rate": float(anomalous[labels].float().mean()) if labels.any() else None,
+    }
+
+
+def build_report(
+    results: Mapping[int, ClassEvaluation],
+    class_keys: Sequence[str],
+    protocol: str = "paper",
+    expert_counts: Sequence[int] | None = None,
+    calibration: Calibration | None = None,
+) -> dict:
+    """The whole report as a JSON-ready dict (see README "Evaluation")."""
+    by_key = {class_keys[i] if i < len(class_keys) else str(i): results[i] for i in sorted(results)}
     classes = {}
-    for index in sorted(results):
-        result = results[index]
-        key = class_keys[index] if index < len(class_keys) else str(index)
+    for key, result in by_key.items():
         classes[key] = {
-            **result.metrics,
+            **{m: result.metrics.get(m) for m in METRICS},
             "num_images": int(result.labels.numel()),
             "num_anomalous": int(result.labels.sum()),
             **({"notes": result.notes} if result.notes else {}),
         }
-    metric_names = sorted({m for r in results.values() for m in r.metrics})
+        if protocol == "inductive" and calibration is not None and key in calibration.stats:
+            classes[key]["decision"] = _decision(result, calibration.stats[key].threshold)
     datasets: dict[str, dict] = {}
-    for name in sorted({k.split("/")[0] for k in classes}):
-        members = [v for k, v in classes.items() if k.split("/")[0] == name]
-        datasets[name] = {m: _mean([v.get(m) for v in members]) for m in metric_names}
+    for name in sorted({_dataset(k) for k in classes}):
+        members = [v for k, v in classes.items() if _dataset(k) == name]
+        datasets[name] = {m: _mean([v[m] for v in members]) for m in METRICS}
         datasets[name]["num_classes"] = len(members)
-    overall = {m: _mean([v.get(m) for v in classes.values()]) for m in metric_names}
-    return {"protocol": protocol, "classes": classes, "datasets": datasets, "mean": overall}
+    report = {
+        "protocol": protocol,
+        "protocol_description": PROTOCOLS.get(protocol, ""),
+        "metrics": list(METRICS),
+        "classes": classes,
+        "datasets": datasets,
+        "mean": {m: _mean([v[m] for v in classes.values()]) for m in METRICS},
+    }
+    if expert_counts is not None:
+        report["routing"] = routing_summary(by_key, expert_counts)
+    if calibration is not None:
+        report["calibration"] = {"rule": calibration.rule, "quantile": calibration.quantile, "notes": calibration.notes,
+                                 "thresholds": {k: s.threshold for k, s in calibration.stats.items()}}
+    return report
 
 
 def write_report(report: dict, output_dir: Path) -> list[Path]:
@@ -47,33 +108,39 @@ def write_report(report: dict, output_dir: Path) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path = output_dir / "results.json"
     json_path.write_text(json.dumps(report, indent=2))
-    metrics = sorted(report["mean"])
     csv_path = output_dir / "results.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["level", "name", *metrics, "protocol"])
+        writer.writerow(["level", "name", *METRICS, "num_images", "protocol"])
         for key, values in report["classes"].items():
-            writer.writerow(["class", key, *[values.get(m) for m in metrics], report["protocol"]])
+            writer.writerow(["class", key, *[values.get(m) for m in METRICS], values["num_images"], report["protocol"]])
         for key, values in report["datasets"].items():
-            writer.writerow(["dataset", key, *[values.get(m) for m in metrics], report["protocol"]])
-        writer.writerow(["mean", "all", *[report["mean"].get(m) for m in metrics], report["protocol"]])
+            writer.writerow(["dataset", key, *[values.get(m) for m in METRICS], "", report["protocol"]])
+        writer.writerow(["mean", "all", *[report["mean"].get(m) for m in METRICS], "", report["protocol"]])
     return [json_path, csv_path]
 
 
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
 def markdown_tables(report: dict) -> str:
-    """One Markdown table per dataset: class rows, metric columns, a mean row."""
-    metrics = sorted(report["mean"])
-
-    def fmt(value) -> str:
-        return "n/a" if value is None else f"{100 * value:.1f}"
-
+    """One Markdown table per dataset (class rows, metric columns, a mean row; values in %),
+    then the mean routing weight of each expert group per dataset."""
+    metrics = report["metrics"]
     blocks = []
     for name, means in report["datasets"].items():
         lines = [f"**{name}** (protocol: {report['protocol']})", "", "| class | " + " | ".join(metrics) + " |"]
         lines.append("|---" * (len(metrics) + 1) + "|")
         for key, values in report["classes"].items():
-            if key.split("/")[0] == name:
-                lines.append(f"| {key.split('/', 1)[1]} | " + " | ".join(fmt(values.get(m)) for m in metrics) + " |")
-        lines.append("| **mean** | " + " | ".join(fmt(means.get(m)) for m in metrics) + " |")
+            if _dataset(key) == name:
+                lines.append(f"| {key.split('/', 1)[-1]} | " + " | ".join(_fmt(values.get(m)) for m in metrics) + " |")
+        lines.append("| **mean** | " + " | ".join(_fmt(means.get(m)) for m in metrics) + " |")
+        blocks.append("\n".join(lines))
+    if "routing" in report:
+        lines = ["**mean routing weight per expert group** (%)", "", "| dataset | " + " | ".join(GROUPS) + " |",
+                 "|---" * (len(GROUPS) + 1) + "|"]
+        for name, weights in report["routing"]["group_weight"].items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(weights[g]) for g in GROUPS) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

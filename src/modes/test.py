@@ -6,7 +6,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from src.tasks import build_components, load_weights, mean_metric
+from src.tasks import build_components, load_weights, mean_metric, run_test
 
 log = logging.getLogger(__name__)
 
@@ -18,5 +18,5 @@ def run(cfg: DictConfig) -> float | None:
     datamodule, module, trainer = build_components(cfg)
     kind = load_weights(module, cfg.ckpt_path)
     log.info("Loaded %s checkpoint %s", kind, cfg.ckpt_path)
-    trainer.test(module, datamodule=datamodule)
+    run_test(trainer, module, datamodule, cfg)
     return mean_metric(trainer)

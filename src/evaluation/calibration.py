@@ -1,0 +1,94 @@
+"""Statistics of normal images: the inductive protocol's normalisation and the decision threshold.
+
+For every class (and for all classes pooled, key ``all``), over the normal calibration images:
+
+* ``low`` / ``high``: the smallest and largest value of each group's raw anomaly map
+  (patch, global, component), the same statistics the paper protocol takes from the test set;
+* ``threshold``: the ``quantile`` of the image scores of those images, each scored with the
+  protocol's maps normalised by ``low`` / ``high``. An image whose score is at or above the
+  threshold is called anomalous.
+
+The calibration travels inside Lightning checkpoints (key ``calibration``) and in
+``calibration.json`` of a run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+GROUPS = ("patch", "global", "component")
+POOLED = "all"
+
+
+def threshold_rule(quantile: float) -> str:
+    what = "largest" if quantile >= 1 else f"{quantile:g}-quantile of the"
+    return (
+        f"threshold = {what} image score(s) of the normal calibration images (normal training images), "
+        "each scored with its anomaly maps min-max normalised by the calibration images' per-group "
+        "minimum and maximum; score >= threshold means anomalous"
+    )
+
+
+@dataclass
+class NormalStatistics:
+    low: list[float]  # per group (GROUPS order): minimum of the raw maps
+    high: list[float]  # per group: maximum of the raw maps
+    threshold: float  # image-score threshold
+    num_images: int
+    score_mean: float
+    score_max: float
+
+    def tensors(self, device=None) -> tuple[Tensor, Tensor]:
+        """(G,) low and high."""
+        return torch.tensor(self.low, device=device), torch.tensor(self.high, device=device)
+
+
+@dataclass
+class Calibration:
+    quantile: float
+    stats: dict[str, NormalStatistics]  # "<dataset>/<class>" and "all"
+    rule: str = ""
+    groups: tuple[str, ...] = GROUPS
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rule = self.rule or threshold_rule(self.quantile)
+
+    def get(self, key: str | None) -> NormalStatistics:
+        """Statistics of a class key, or of all classes pooled for ``None``/``"all"``."""
+        key = key or POOLED
+        if key not in self.stats:
+            raise KeyError(f"no calibration for class {key!r}; calibrated: {sorted(self.stats)}")
+        return self.stats[key]
+
+    def to_dict(self) -> dict:
+        return {"quantile": self.quantile, "rule": self.rule, "groups": list(self.groups), "notes": list(self.notes),
+                "stats": {k: asdict(v) for k, v in self.stats.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Calibration:
+        stats = {k: NormalStatistics(**v) for k, v in data["stats"].items()}
+        return cls(data["quantile"], stats, data.get("rule", ""), tuple(data.get("groups", GROUPS)), list(data.get("notes", [])))
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Calibration:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def attach_to_checkpoint(ckpt_path: Path, calibration: Calibration) -> None:
+    """Store ``calibration`` in a Lightning checkpoint file (key ``calibration``), in place."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint["calibration"] = calibration.to_dict()
+    tmp = ckpt_path.with_suffix(".tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(ckpt_path)

@@ -1,0 +1,99 @@
+"""mode=predict on a folder and on one image; unreadable files; where the threshold comes from."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from src.evaluation.calibration import Calibration, attach_to_checkpoint
+from src.tasks import run_task
+from tests.conftest import compose_cfg, small_demo_overrides
+
+
+def predict(root: Path, ckpt: Path, input_path: Path, out: Path, *extra: str) -> dict:
+    cfg = compose_cfg([*small_demo_overrides(root), "mode=predict", f"ckpt_path={ckpt}", f"predict.input={input_path}",
+                       f"paths.output_dir={out}", *extra])
+    run_task(cfg)
+    return json.loads((out / "predictions" / "predictions.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ten_images(small_demo_root, tmp_path_factory) -> Path:
+    """10 demo test images (both classes, normal and defective), a broken image and a text file."""
+    folder = tmp_path_factory.mktemp("inputs")
+    sources = sorted((small_demo_root / "widget" / "test").rglob("*.png"))[:6]
+    sources += sorted((small_demo_root / "fabric" / "test").rglob("*.png"))[:4]
+    for i, src in enumerate(sources):
+        shutil.copy(src, folder / f"{i:02d}_{src.parent.name}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "readme.txt").write_text("not an image")
+    return folder
+
+
+@pytest.mark.slow
+def test_predict_folder_single_image_and_stored_calibration(small_demo_root, demo_checkpoint, ten_images, tmp_path):
+    # 1. The checkpoint holds no calibration: it is computed from the dataset's normal images.
+    result = predict(small_demo_root, demo_checkpoint, ten_images, tmp_path / "folder")
+    assert result["num_images"] == 11 and result["num_scored"] == 10 and result["num_errors"] == 1
+    assert result["errors"][0]["path"].endswith("broken.png") and "cannot read image" in result["errors"][0]["error"]
+    assert [Path(s["path"]).name for s in result["skipped"]] == ["readme.txt"]
+    stats = result["statistics"]
+    assert stats["source"].startswith("computed") and stats["class_key"] == "all" and stats["num_images"] == 16
+    calibration = Calibration.load(tmp_path / "folder" / "predictions" / "calibration.json")
+    assert calibration.stats["all"].threshold == stats["threshold"]
+    assert "largest image score" in result["decision_rule"]
+    for entry in result["images"]:
+        assert entry["anomalous"] == (entry["score"] >= stats["threshold"])
+        heatmap = tmp_path / "folder" / "predictions" / entry["heatmap"]
+        assert Image.open(heatmap).size == (3 * 256, 256)  # image | heat map | predicted mask
+    assert result["num_anomalous"] == sum(e["anomalous"] for e in result["images"])
+
+    # 2. One image, with a calibration stored in the checkpoint and a per-class threshold.
+    calibration.stats["demo/widget"].threshold = 0.0  # every score is >= 0: decides "anomalous"
+    ckpt = tmp_path / "calibrated.ckpt"
+    shutil.copy(demo_checkpoint, ckpt)
+    attach_to_checkpoint(ckpt, calibration)
+    image = sorted(ten_images.glob("*.png"))[0]
+    single = predict(small_demo_root, ckpt, image, tmp_path / "single", "predict.class_key=demo/widget")
+    assert single["num_scored"] == 1 and single["statistics"]["source"] == "checkpoint"
+    assert single["images"][0]["anomalous"] is True
+    # The same image scores the same alone as within the folder (inductive protocol, same statistics).
+    in_folder = next(e for e in result["images"] if e["path"] == str(image))
+    alone = predict(small_demo_root, ckpt, image, tmp_path / "alone")["images"][0]
+    assert alone["score"] == pytest.approx(in_folder["score"], abs=1e-6)
+
+
+def test_predict_errors_name_the_setting(small_demo_root, demo_checkpoint, tmp_path):
+    with pytest.raises(FileNotFoundError, match="predict.input="):
+        predict(small_demo_root, demo_checkpoint, tmp_path / "absent", tmp_path / "out")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("x")
+    with pytest.raises(Exception, match="holds no images"):
+        predict(small_demo_root, demo_checkpoint, empty, tmp_path / "out")
+
+
+def test_calibration_travels_in_the_checkpoint(demo_checkpoint, tmp_path, small_demo_root):
+    from hydra.utils import instantiate
+
+    from src.evaluation.calibration import NormalStatistics
+    from src.tasks import load_weights
+
+    calibration = Calibration(1.0, {"all": NormalStatistics([0, 0, 0], [1, 1, 1], 0.5, 3, 0.2, 0.5)})
+    ckpt = tmp_path / "c.ckpt"
+    shutil.copy(demo_checkpoint, ckpt)
+    attach_to_checkpoint(ckpt, calibration)
+    cfg = compose_cfg(small_demo_overrides(small_demo_root))
+    module = instantiate(cfg.module, net=instantiate(cfg.model))
+    load_weights(module, ckpt)
+    assert module.calibration == calibration
+    saved = {}
+    module.on_save_checkpoint(saved)
+    assert Calibration.from_dict(saved["calibration"]) == calibration
+    assert torch.load(ckpt, weights_only=False)["state_dict"].keys() == torch.load(demo_checkpoint, weights_only=False)[
+        "state_dict"].keys()
