@@ -17,6 +17,7 @@ from lightning import Callback, LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from data_modules.base import DataError
 from src.loggers import git_commit
 from src.models.anomalymoe import AnomalyMoE
 from src.models.backbone import WEIGHTS_DEFERRED
@@ -57,6 +58,25 @@ def build_components(cfg: DictConfig) -> tuple[LightningDataModule, AnomalyMoEMo
         for logger in loggers:
             logger.log_hyperparams(params)
     return datamodule, module, trainer
+
+
+def require_component_masks(cfg: DictConfig) -> None:
+    """Training with component experts needs the dataset's component masks (``mode=segment``).
+
+    Without them the component experts would get no gradient and stay at their initial weights
+    (the original's released training loader never found its masks, SPEC 10 B2).
+    """
+    if not cfg.model.get("num_component_experts", 0):
+        return
+    masks = cfg.dataset.get("component_masks")
+    fixes = (f"compute them with `python run.py mode=segment dataset={cfg.dataset.get('name', '<name>')}` "
+             "(and point dataset.component_masks at segment.output), or train without component experts "
+             "with model.num_component_experts=0")
+    if not masks:
+        raise DataError(f"model.num_component_experts={cfg.model.num_component_experts} but dataset.component_masks "
+                        f"is null: {fixes}")
+    if not Path(masks).expanduser().is_dir():
+        raise DataError(f"component masks folder dataset.component_masks={masks} does not exist: {fixes}")
 
 
 def load_weights(module: AnomalyMoEModule, path: str | Path) -> str:
