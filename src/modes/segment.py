@@ -48,7 +48,7 @@ def build_segmenter(s: DictConfig):
 
         if s.features != "backbone":
             log.info("route sam: SAM masks are matched across images by segment.features=%s", s.features)
-        sam = load_sam(s.sam_checkpoint, s.sam_model_type, OmegaConf.to_container(s.sam_arch, resolve=True), device)
+        sam = load_sam(s.sam_checkpoint, s.sam_model_type, OmegaConf.to_container(s.sam_arch, resolve=True) if s.sam_arch else None, device)
         return SamSegmenter(
             sam, build_features(s, device), points_per_side=int(s.points_per_side),
             points_per_batch=int(s.points_per_batch), pred_iou_thresh=float(s.pred_iou_thresh),

@@ -22,13 +22,21 @@ import torchvision.transforms.functional as TF
 from torch import Tensor
 
 
+def _window_sums(x: Tensor, radius: int, dim: int) -> Tensor:
+    """Sums of x over [i - r, i + r] (clipped) along ``dim``, from one cumulative sum."""
+    c = torch.cumsum(x, dim)
+    n = x.shape[dim]
+    head = torch.zeros_like(c.narrow(dim, 0, 1)).expand(*[radius + 1 if d == dim % x.ndim else -1 for d in range(x.ndim)])
+    tail = c.narrow(dim, n - 1, 1).expand(*[radius if d == dim % x.ndim else -1 for d in range(x.ndim)])
+    padded = torch.cat([head, c, tail], dim)  # padded[j] = c[j - r - 1], 0 before the start, c[n-1] after the end
+    return padded.narrow(dim, 2 * radius + 1, n) - padded.narrow(dim, 0, n)
+
+
 def box_filter(x: Tensor, radius: int) -> Tensor:
-    """Mean over the (2r+1)^2 window clipped to the image (separable): (..., H, W)."""
-    shape = x.shape
-    y = x.reshape(1, -1, *shape[-2:])
-    y = F.avg_pool2d(y, (1, 2 * radius + 1), 1, (0, radius), count_include_pad=False)
-    y = F.avg_pool2d(y, (2 * radius + 1, 1), 1, (radius, 0), count_include_pad=False)
-    return y.reshape(shape)
+    """Mean over the (2r+1)^2 window clipped to the image: (..., H, W)."""
+    ones = torch.ones(x.shape[-2:], dtype=x.dtype, device=x.device)
+    count = _window_sums(_window_sums(ones, radius, -1), radius, -2)
+    return _window_sums(_window_sums(x, radius, -1), radius, -2) / count
 
 
 class GuidedFilter:
