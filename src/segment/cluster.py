@@ -3,6 +3,7 @@ refined per-image maps, argmax over parts (SPEC 5.3, with the fixes listed in th
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -12,6 +13,8 @@ from torch import Tensor
 from src.segment.features import DenseFeatures
 from src.segment.parts import Prototypes, fit_prototypes, greedy_coreset
 from src.segment.refine import RefineSettings, refine
+
+FEATURE_MEMO_BYTES = 1 << 30  # training features kept between fitting and segmenting (float16)
 
 
 class ClusterSegmenter:
@@ -33,6 +36,16 @@ class ClusterSegmenter:
         self.coreset_ratio = coreset_ratio
         self.refine_settings = refine_settings or RefineSettings()
         self.seed = seed
+        self._grids: dict[str, Tensor] = {}  # training images' features from fit(), used once by segment()
+
+    def _features(self, image: Tensor, keep: bool = False) -> Tensor:
+        key = hashlib.sha1(image.numpy().tobytes()).hexdigest()
+        if key in self._grids:
+            return self._grids.pop(key).float()
+        grid = self.features(image)
+        if keep and sum(g.numel() * 2 for g in self._grids.values()) < FEATURE_MEMO_BYTES:
+            self._grids[key] = grid.half()
+        return grid
 
     def describe(self) -> dict:
         return {"features": self.features.describe(), "coreset_ratio": self.coreset_ratio,
@@ -41,8 +54,9 @@ class ClusterSegmenter:
     def fit(self, images: list[Tensor], k: int) -> Prototypes:
         """Prototypes of k parts from the training images ((3, H, W) in [0, 1] each)."""
         picked = []
+        self._grids = {}
         for image in images:
-            grid = self.features(image)  # (C, h, w)
+            grid = self._features(image, keep=True)  # (C, h, w)
             vectors = grid.flatten(1).T  # (h*w, C)
             if self.features.normalize:
                 vectors = F.normalize(vectors, dim=-1)
@@ -52,7 +66,7 @@ class ClusterSegmenter:
 
     def segment(self, prototypes: Prototypes, image: Tensor) -> Tensor:
         """(k, H, W) bool masks of one (3, H, W) image: one slot per prototype, disjoint."""
-        grid = self.features(image)  # (C, h, w)
+        grid = self._features(image)  # (C, h, w)
         c, h, w = grid.shape
         scores = prototypes.scores(grid.flatten(1).T).T.reshape(-1, h, w)  # (k, h, w)
         scores = F.interpolate(scores[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
