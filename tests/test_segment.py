@@ -228,3 +228,21 @@ def test_sam_checkpoint_errors_say_where_to_get_one(tmp_path):
     torch.save({"weight": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="does not fit a vit_b SAM"):
         load_sam(str(bad), "vit_b", TINY_SAM)
+
+
+@pytest.mark.slow
+def test_segment_then_train_from_the_command_line(small_demo_root, tmp_path):
+    """`mode=segment` then `mode=train` on its cache: the component loss is non-zero."""
+    import csv
+
+    from tests.test_run import run_cli
+
+    masks = tmp_path / "masks"
+    common = [*small_demo_overrides(small_demo_root), f"segment.output={masks}"]
+    proc = run_cli(*common, "mode=segment", "segment.features=color", "segment.image_size=96",
+                   f"paths.output_dir={tmp_path / 'segment'}")
+    assert "| widget | 20 | 20 | 0 | 3 | 1 |" in proc.stdout
+    run_cli(*common, f"dataset.component_masks={masks}", "trainer.max_steps=2", "trainer.log_every_n_steps=1",
+            "dataset.batch_size=8", "test_after_training=false", f"paths.output_dir={tmp_path / 'train'}")
+    rows = list(csv.DictReader(open(tmp_path / "train" / "csv" / "metrics.csv")))
+    assert any(float(r["train/component"] or 0) > 0 for r in rows)
