@@ -6,7 +6,8 @@ detached features of the same step.
 
 "original": every expert on every image (``dispatch="dense"``), two full encoder passes per
 forward, at test time too (``original_encoder_passes=True``), and after each training update a
-second full forward (no grad, train mode) whose features train the estimator. Its inference is
+second full forward (no grad, train mode) whose features train the estimator; the global
+students run on whole images (``student_strip_rows=0``). Its inference is
 the computation that ``tests/test_parity.py`` checks against the original code's outputs.
 
 Both use the same weights and inputs; inference outputs are compared.
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 STRUCTURES = {
     "ours": {"dispatch": "sparse", "original_encoder_passes": False},
-    "original": {"dispatch": "dense", "original_encoder_passes": True},
+    "original": {"dispatch": "dense", "original_encoder_passes": True, "student_strip_rows": 0},
 }
 
 
