@@ -439,3 +439,35 @@ def test_balanced_sampler_draws_by_weight():
 def test_top_level_source_keys_are_ambiguous_with_several_datasets():
     with pytest.raises(InstantiationException, match=r"dataset.sources.demo.classes, dataset.sources.visa.classes"):
         instantiate(compose_cfg(["dataset=[demo,visa]", "dataset.classes=[a]"]).dataset)
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_prepare_cli_twice_then_train_on_demo_and_visa(tmp_path, small_demo_root):
+    """``mode=prepare`` from the command line (the second run does nothing), then one model
+    trained for two steps on the demo and the converted VisA tree, reported per dataset."""
+    import json
+
+    from tests.test_workflow import run_cli
+
+    source, root = fake_visa(tmp_path / "VisA"), tmp_path / "visa"
+    prepare = ["mode=prepare", "dataset=visa", f"dataset.source={source}", f"dataset.root={root}"]
+    first = run_cli(*prepare, f"paths.output_dir={tmp_path / 'p1'}")
+    assert "visa: converted" in first.stdout and (root / "candle" / "ground_truth" / "bad" / "000_mask.png").is_file()
+    second = run_cli(*prepare, f"paths.output_dir={tmp_path / 'p2'}")
+    assert "already prepared, nothing done" in second.stdout
+    assert json.loads((tmp_path / "p2" / "prepare.json").read_text())["visa"]["warnings"]  # 6 images, not 10,821
+
+    out = tmp_path / "train"
+    run_cli(
+        "experiment=demo", "dataset=[demo,visa]", f"dataset.sources.demo.root={small_demo_root}",
+        f"dataset.sources.demo.component_masks={small_demo_root}/components_true",
+        "+dataset.sources.demo.generate_size=96", "+dataset.sources.demo.num_train=8",
+        "+dataset.sources.demo.num_test_good=4", "+dataset.sources.demo.num_test_defect=2",
+        f"dataset.sources.visa.root={root}", "dataset.image_size=56", "dataset.resize=64", "dataset.batch_size=4",
+        "dataset.balance=dataset", "trainer.max_steps=2", "module.scheduler.warmup_steps=1",
+        "evaluation.calibration.images_per_class=2", f"paths.output_dir={out}",
+    )
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["classes"]) == {"demo/fabric", "demo/widget", "visa/candle"}
+    assert set(report["datasets"]) == {"demo", "visa"} and report["datasets"]["visa"]["num_classes"] == 1
