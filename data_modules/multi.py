@@ -87,6 +87,8 @@ class MultiSourceDataModule(LightningDataModule):
         sources: ``{name: settings}``; settings hold ``_target_`` (a family datamodule class, see
             :mod:`data_modules.families`) and its own arguments (``root``, ``classes``,
             ``download_hint``, ``source``: the download folder for ``mode=prepare``, ...).
+        name: a single source's name in reports (renames it); with several sources only a label
+            of the combination (default: the names joined by ``+``).
         root / classes / source: for a single source, override its settings; with several
             sources they must stay unset (set ``sources.<name>.root`` etc.).
         component_masks: ``default`` = each source's own; ``null`` = none; a folder (single source).
@@ -100,6 +102,7 @@ class MultiSourceDataModule(LightningDataModule):
     def __init__(
         self,
         sources: Mapping[str, Mapping],
+        name: str | None = None,
         root: str | None = None,
         classes: Sequence[str] | None = None,
         source: str | None = None,
@@ -121,6 +124,8 @@ class MultiSourceDataModule(LightningDataModule):
         super().__init__()
         if not sources:
             raise DataError("dataset.sources is empty: choose dataset=<name> or dataset=[<name>,<name>]")
+        if len(sources) == 1 and name and name not in sources:
+            sources = {name: next(iter(sources.values()))}
         if balance not in ("image", "dataset"):
             raise ValueError(f"dataset.balance={balance!r}: use image (uniform over images) or dataset")
         overrides = {"root": root, "classes": classes, "source": source, **source_overrides}
@@ -136,6 +141,7 @@ class MultiSourceDataModule(LightningDataModule):
         shared = dict(image_size=image_size, resize=resize, batch_size=batch_size, test_batch_size=test_batch_size,
                       num_workers=num_workers, jitter=jitter, eval_jitter=eval_jitter, gt_resize=gt_resize,
                       val_fraction=val_fraction, validation_split=validation_split)
+        self.label = name if name and len(sources) > 1 and name not in sources else "+".join(sources)
         self.modules: dict[str, AnomalyDataModule] = {}
         self.download_dirs: dict[str, str | None] = {}
         for name, settings in sources.items():
@@ -155,7 +161,12 @@ class MultiSourceDataModule(LightningDataModule):
     # ------------------------------------------------------------------ what single-dataset code reads
     @property
     def name(self) -> str:
-        return "+".join(self.modules)
+        return self.label
+
+    @property
+    def single(self) -> AnomalyDataModule | None:
+        """The only source, or None when there are several."""
+        return next(iter(self.modules.values())) if len(self.modules) == 1 else None
 
     @property
     def root(self) -> Path:
@@ -171,8 +182,18 @@ class MultiSourceDataModule(LightningDataModule):
         return next(iter(roots.values())) if len(roots) == 1 else roots
 
     def class_names(self) -> list[str]:
-        """Class keys ``<dataset>/<class>`` of every source."""
-        return self.test_class_keys
+        """What :meth:`list_samples` takes: the class names of a single source (as with one
+        datamodule), the class keys ``<dataset>/<class>`` with several."""
+        return self.single.class_names() if self.single else self.test_class_keys
+
+    def list_samples(self, class_name: str, split: str) -> list[Sample]:
+        """Samples of a class (a name of :meth:`class_names`) and split."""
+        if self.single:
+            return self.single.list_samples(class_name, split)
+        dataset, _, name = class_name.partition("/")
+        if dataset not in self.modules:
+            raise DataError(f"class key {class_name!r}: expected <dataset>/<class> with a dataset of {list(self.modules)}")
+        return self.modules[dataset].list_samples(name, split)
 
     @property
     def test_class_keys(self) -> list[str]:
@@ -188,11 +209,7 @@ class MultiSourceDataModule(LightningDataModule):
             module.prepare_data()
 
     def _dataset(self, samples: list[Sample], jitter_ae: bool) -> AnomalyDataset:
-        return AnomalyDataset(samples, self.transforms, self.test_class_keys, jitter_ae, self._component_roots())
-
-    def _component_roots(self) -> Path | dict[str, Path | None] | None:
-        roots = self.component_root
-        return roots
+        return AnomalyDataset(samples, self.transforms, self.test_class_keys, jitter_ae, self.component_root)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
