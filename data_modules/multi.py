@@ -37,47 +37,53 @@ SOURCE_ONLY = ("root", "classes", "source")
 class BalancedSampler(Sampler[int]):
     """Indices drawn with replacement with probability ``weights``, ``num_samples`` per epoch.
 
-    Resumable: the iterator's state (generator state at the start of the epoch and how many
-    indices it gave) is saved by the StatefulDataLoader and replayed on load.
+    The order is a function of ``(seed, epoch)`` alone: Lightning sets the epoch
+    (:meth:`set_epoch`; without it each pass moves to the next epoch), so every process of a DDP
+    run draws the same order, and a resumed run draws the same indices again. The iterator's
+    state (seed, epoch, indices given) is saved by the StatefulDataLoader for a mid-epoch resume.
     """
 
-    def __init__(self, weights: Sequence[float], num_samples: int, generator: torch.Generator | None = None) -> None:
+    def __init__(self, weights: Sequence[float], num_samples: int, seed: int | None = None) -> None:
         self.weights = torch.as_tensor(weights, dtype=torch.double)
         self.num_samples = num_samples
-        if generator is None:
-            generator = torch.Generator()
-            generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
-        self.generator = generator
+        # Like torch's samplers, the seed comes from the global RNG (seeded by ``seed=``).
+        self.seed = int(torch.empty((), dtype=torch.int64).random_().item()) if seed is None else seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.multinomial(self.weights, self.num_samples, True, generator=generator).tolist()
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
-        return _BalancedIterator(self)
+        iterator = _BalancedIterator(self, self.epoch)
+        self.epoch += 1
+        return iterator
 
 
 class _BalancedIterator(Iterator[int]):
-    def __init__(self, sampler: BalancedSampler) -> None:
-        self.sampler = sampler
-        self.start_state = sampler.generator.get_state()
-        self.yielded = 0
-        self.order = torch.multinomial(sampler.weights, sampler.num_samples, True, generator=sampler.generator).tolist()
+    def __init__(self, sampler: BalancedSampler, epoch: int) -> None:
+        self.sampler, self.epoch, self.yielded = sampler, epoch, 0
+        self.indices = sampler.order(epoch)
 
     def __next__(self) -> int:
-        if self.yielded >= len(self.order):
+        if self.yielded >= len(self.indices):
             raise StopIteration
         self.yielded += 1
-        return self.order[self.yielded - 1]
+        return self.indices[self.yielded - 1]
 
     def state_dict(self) -> dict:
-        return {"generator": self.start_state, "yielded": self.yielded}
+        return {"seed": self.sampler.seed, "epoch": self.epoch, "yielded": self.yielded}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sampler.generator.set_state(state["generator"])
-        self.start_state = state["generator"]
-        self.order = torch.multinomial(self.sampler.weights, self.sampler.num_samples, True,
-                                       generator=self.sampler.generator).tolist()
-        self.yielded = state["yielded"]
+        self.sampler.seed, self.epoch, self.yielded = state["seed"], state["epoch"], state["yielded"]
+        self.indices = self.sampler.order(self.epoch)
+        self.sampler.epoch = self.epoch + 1
 
 
 class MultiSourceDataModule(LightningDataModule):

@@ -424,16 +424,20 @@ def test_balance_by_dataset_and_exact_resume(tmp_path, small_demo_root):
     next(it)
     state = loader.state_dict()
     expected = [b["image_path"] for b in it][:3]
+    torch.manual_seed(1)  # a fresh sampler has another seed: the saved state restores it
     resumed = dm.train_dataloader()
-    resumed.sampler.generator.set_state(loader.sampler.generator.get_state())  # any state: the checkpoint's wins
+    assert resumed.sampler.seed != loader.sampler.seed
     resumed.load_state_dict(state)
     assert [b["image_path"] for b in resumed][:3] == expected
 
 
-def test_balanced_sampler_draws_by_weight():
-    sampler = BalancedSampler([0.9, 0.1], 1000, torch.Generator().manual_seed(0))
+def test_balanced_sampler_draws_by_weight_per_epoch():
+    sampler = BalancedSampler([0.9, 0.1], 1000, seed=0)
     draws = list(sampler)
     assert len(draws) == 1000 and 850 < draws.count(0) < 950
+    assert list(sampler) != draws, "the next pass is the next epoch"
+    sampler.set_epoch(0)
+    assert list(sampler) == draws, "the order is a function of (seed, epoch)"
 
 
 def test_top_level_source_keys_are_ambiguous_with_several_datasets():
