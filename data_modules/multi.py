@@ -150,11 +150,11 @@ class MultiSourceDataModule(LightningDataModule):
         self.label = name if name and len(sources) > 1 and name not in sources else "+".join(sources)
         self.modules: dict[str, AnomalyDataModule] = {}
         self.download_dirs: dict[str, str | None] = {}
-        for name, settings in sources.items():
+        for key, settings in sources.items():
             settings = {**dict(settings), **overrides}
             target = settings.pop("_target_", "data_modules.families.MVTecADDataModule")
-            self.download_dirs[name] = settings.pop("source", None)
-            self.modules[name] = get_class(target)(name=name, **settings, **shared)
+            self.download_dirs[key] = settings.pop("source", None)
+            self.modules[key] = get_class(target)(name=key, **settings, **shared)
         self.balance, self.skip_bad = balance, skip_bad
         self.batch_size, self.test_batch_size, self.num_workers = batch_size, test_batch_size, num_workers
         first = next(iter(self.modules.values()))
