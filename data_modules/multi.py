@@ -97,7 +97,8 @@ class MultiSourceDataModule(LightningDataModule):
             of the combination (default: the names joined by ``+``).
         root / classes / source: for a single source, override its settings; with several
             sources they must stay unset (set ``sources.<name>.root`` etc.).
-        component_masks: ``default`` = each source's own; ``null`` = none; a folder (single source).
+        component_masks: ``default`` = each source's own; ``null`` = none for every source; a
+            folder (single source).
         balance: ``image`` (uniform over images, the original) or ``dataset`` (each dataset
             gets the same share of training samples).
         skip_bad: ``mode=prepare`` leaves unusable inputs out (counted) instead of stopping.
@@ -136,7 +137,7 @@ class MultiSourceDataModule(LightningDataModule):
             raise ValueError(f"dataset.balance={balance!r}: use image (uniform over images) or dataset")
         overrides = {"root": root, "classes": classes, "source": source, **source_overrides}
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        if component_masks != INHERIT:
+        if component_masks != INHERIT and component_masks is not None:
             overrides["component_masks"] = component_masks
         if len(sources) > 1 and overrides:
             key = next(iter(overrides))
@@ -152,6 +153,8 @@ class MultiSourceDataModule(LightningDataModule):
         self.download_dirs: dict[str, str | None] = {}
         for key, settings in sources.items():
             settings = {**dict(settings), **overrides}
+            if component_masks is None:  # null: no component masks for any dataset
+                settings["component_masks"] = None
             target = settings.pop("_target_", "data_modules.families.MVTecADDataModule")
             self.download_dirs[key] = settings.pop("source", None)
             self.modules[key] = get_class(target)(name=key, **settings, **shared)

@@ -180,7 +180,8 @@ def prepared(tmp_path: Path, name: str, source: Path, *extra: str):
                  f"paths.output_dir={tmp_path / 'out'}", *LOADER, *extra]
     cfg = compose_cfg(overrides)
     run_prepare(cfg)
-    cfg = compose_cfg([o for o in overrides if not o.startswith("dataset.source=")])
+    # No component masks were computed for the fake trees (the default reads the mode=segment cache).
+    cfg = compose_cfg([o for o in overrides if not o.startswith("dataset.source=")] + ["dataset.component_masks=null"])
     return instantiate(cfg.dataset)
 
 
@@ -392,7 +393,7 @@ def two_sources(tmp_path, small_demo_root, *extra):
         f"dataset.sources.demo.component_masks={small_demo_root}/components_true",
         "+dataset.sources.demo.generate_size=96", "+dataset.sources.demo.num_train=8",
         "+dataset.sources.demo.num_test_good=4", "+dataset.sources.demo.num_test_defect=2",
-        f"dataset.sources.visa.root={tmp_path / 'prepared'}", *LOADER, *extra,
+        f"dataset.sources.visa.root={tmp_path / 'prepared'}", "dataset.sources.visa.component_masks=null", *LOADER, *extra,
     ])
     return instantiate(cfg.dataset)
 
@@ -462,9 +463,14 @@ def test_prepare_cli_twice_then_train_on_demo_and_visa(tmp_path, small_demo_root
     assert "already prepared, nothing done" in second.stdout
     assert json.loads((tmp_path / "p2" / "prepare.json").read_text())["visa"]["warnings"]  # 6 images, not 10,821
 
+    masks = tmp_path / "visa_masks"  # component masks of the converted dataset (colour features: fast)
+    run_cli("mode=segment", "dataset=visa", f"dataset.root={root}", "segment.features=color", "segment.k=3",
+            "segment.image_size=56", f"segment.output={masks}", f"paths.output_dir={tmp_path / 's'}")
+    assert (masks / "candle" / "test" / "bad" / "000.npz").is_file()
+
     out = tmp_path / "train"
     run_cli(
-        "experiment=demo", "dataset=[demo,visa]", f"dataset.sources.demo.root={small_demo_root}",
+        "experiment=demo", "dataset=[demo,visa]", f"dataset.sources.visa.component_masks={masks}", f"dataset.sources.demo.root={small_demo_root}",
         f"dataset.sources.demo.component_masks={small_demo_root}/components_true",
         "+dataset.sources.demo.generate_size=96", "+dataset.sources.demo.num_train=8",
         "+dataset.sources.demo.num_test_good=4", "+dataset.sources.demo.num_test_defect=2",

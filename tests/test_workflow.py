@@ -53,7 +53,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     """
     common = [
         "experiment=demo", f"dataset.root={tmp_path / 'data'}", "+dataset.num_train=4", *SMALL_DEMO,
-        "dataset.jitter=0", "dataset.component_masks=null", "module.loss.lambda_esb=0", "module.loss.lambda_eir=0",
+        "dataset.jitter=0", "dataset.component_masks=null", "model.num_component_experts=0", "module.loss.lambda_esb=0", "module.loss.lambda_eir=0",
         "module.loss.hard_mining_factor=1.0", "model.bottleneck_dropout=0", "model.ae_dropout=0",
         "model.component_dropout=0", "model.top_k=2", "trainer.max_steps=4", "module.scheduler.warmup_steps=2",
         "test_after_training=false", "logger=none", "callbacks.model_checkpoint.every_n_train_steps=1",

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, open_dict
 
 from callbacks.resume import find_resume_checkpoint
 from src.evaluation.calibration import Calibration, attach_to_checkpoint
-from src.tasks import build_components, mean_metric, run_test
+from src.tasks import build_components, mean_metric, require_component_masks, run_test
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ def run(cfg: DictConfig) -> float | None:
     Returns ``cfg.optimized_metric`` when set (e.g. ``val/image_auroc`` for sweeps), otherwise
     the mean test image AUROC.
     """
+    require_component_masks(cfg)
     resume = resolve_resume_path(cfg)
     with open_dict(cfg):
         cfg.ckpt_path = resume  # no file: build the model with its backbone weights as usual
