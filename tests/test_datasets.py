@@ -486,3 +486,14 @@ def test_single_source_reads_like_one_datamodule(tmp_path):
                                    f"dataset.sources.visa.root={root}"]).dataset)
     assert both.name == "mvtec_ad+visa" and both.class_names()[0] == "mvtec_ad/bottle"
     assert len(both.list_samples("mvtec_ad/bottle", "train")) == 3
+
+
+def test_prepare_several_datasets_reports_each(tmp_path):
+    cfg = compose_cfg([
+        "dataset=[visa,ped2]", f"dataset.sources.visa.source={fake_visa(tmp_path / 'VisA')}",
+        f"dataset.sources.visa.root={tmp_path / 'visa'}", f"dataset.sources.ped2.source={tmp_path / 'absent'}",
+        f"dataset.sources.ped2.root={tmp_path / 'ped2'}", f"paths.output_dir={tmp_path / 'out'}",
+    ])
+    with pytest.raises(DataError, match=r"1 of 2 datasets could not be prepared:\n  ped2: .*absent"):
+        run_prepare(cfg)
+    assert (tmp_path / "visa" / ".prepared.json").is_file() and not (tmp_path / "ped2").exists()
