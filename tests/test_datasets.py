@@ -382,6 +382,10 @@ def test_validation_against_published_counts(tmp_path):
         "mvtec_ad/bottle: 3 test images, published 4 (1 missing)",
     ]
     assert sum(len(t) for t in PUBLISHED.values()) == 46  # every class of the paper's training set
+    totals = {name: (sum(p.train for p in t.values()), sum(p.test for p in t.values())) for name, t in PUBLISHED.items()}
+    # the per-class rows add up to the totals the datasets' papers give
+    assert totals["mvtec_ad"] == (3629, 1725) and totals["visa"] == (8659, 2162)
+    assert totals["mvtec_loco"] == (1772, 1568) and totals["mvtec_3d"] == (2656, 1197)
 
 
 # --------------------------------------------------------------------------- several datasets
