@@ -343,6 +343,16 @@ def test_mask_of_another_size(tmp_path):
         prepared(tmp_path / "again", "mvtec_ad", source)
 
 
+def test_loader_refuses_a_mask_of_another_size(tmp_path):
+    root = fake_mvtec_ad(tmp_path / "mvtec")
+    write_mask(root / "bottle" / "ground_truth" / "crack" / "001_mask.png", 1, size=(64, 64))
+    dm = instantiate(compose_cfg(["dataset=mvtec_ad", f"dataset.root={root}", *LOADER]).dataset)
+    dm.setup("test")
+    index = next(i for i, s in enumerate(dm.test_set.samples) if s.image_path.name == "001.png")
+    with pytest.raises(DataError, match=r"001_mask.png is 64x64 but its image .*001.png is 32x32.*mode=prepare"):
+        dm.test_set[index]
+
+
 def test_empty_class_folder_is_an_error(tmp_path):
     source = fake_mvtec_ad(tmp_path / "download")
     (source / "cable" / "train" / "good").mkdir(parents=True)
