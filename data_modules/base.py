@@ -219,10 +219,14 @@ class AnomalyDataset(Dataset):
             if sample.mask_path is None:
                 item["gt_mask"] = torch.zeros(1, *image.shape[-2:])
             else:
-                item["gt_mask"] = self.transforms.gt(open_image(sample.mask_path, "L")) > 0
-                if item["gt_mask"].shape[-2:] != image.shape[-2:]:
-                    raise DataError(f"mask {sample.mask_path} does not match its image {sample.image_path}")
-                item["gt_mask"] = item["gt_mask"].float()
+                mask = open_image(sample.mask_path, "L")
+                if mask.size != img.size:  # resizing both would hide a mask that belongs elsewhere
+                    raise DataError(
+                        f"mask {sample.mask_path} is {mask.width}x{mask.height} but its image {sample.image_path} is "
+                        f"{img.width}x{img.height}: replace the mask, or convert the dataset with mode=prepare "
+                        "(which resizes masks of the same aspect ratio)"
+                    )
+                item["gt_mask"] = (self.transforms.gt(mask) > 0).float()
         component_root = self.component_root
         if isinstance(component_root, Mapping):
             if not any(component_root.values()):

@@ -223,7 +223,7 @@ def test_mvtec_ad_is_linked_checked_and_loaded(tmp_path):
     assert len(loaded(dm, "fit")["label"]) == 2  # 3 images, batch 2, drop_last
 
 
-def test_mvtec_ad_without_source_is_validated_in_place(tmp_path, caplog):
+def test_mvtec_ad_without_source_is_validated_in_place(tmp_path):
     root = fake_mvtec_ad(tmp_path / "mvtec")
     result = prepare_dataset("mvtec_ad", root, None, None, "mvtec_ad")
     assert result.status.startswith("validated in place")
@@ -299,7 +299,7 @@ def test_folder_of_own_images(tmp_path):
     dm = prepared(tmp_path, "folder", fake_folder(tmp_path / "mine"), "dataset.sources.folder.abnormal_dir=bad",
                   "dataset.sources.folder.mask_dir=masks")
     out = loaded(dm)
-    assert dm.test_class_keys == ["folder/images"] and out["label"] == [1, 0] or sorted(out["label"]) == [0, 1]
+    assert dm.test_class_keys == ["folder/images"] and sorted(out["label"]) == [0, 1]
     assert check_masks_aligned(out, lambda p: 1) == 1
     written = tmp_path / "prepared" / "images" / "test" / "bad" / "a1.png"
     assert Image.open(written).mode.startswith("I")  # 16 bits kept in the PNG
@@ -344,6 +344,16 @@ def test_mask_of_another_size(tmp_path):
         prepared(tmp_path / "again", "mvtec_ad", source)
 
 
+def test_loader_refuses_a_mask_of_another_size(tmp_path):
+    root = fake_mvtec_ad(tmp_path / "mvtec")
+    write_mask(root / "bottle" / "ground_truth" / "crack" / "001_mask.png", 1, size=(64, 64))
+    dm = instantiate(compose_cfg(["dataset=mvtec_ad", f"dataset.root={root}", *LOADER]).dataset)
+    dm.setup("test")
+    index = next(i for i, s in enumerate(dm.test_set.samples) if s.image_path.name == "001.png")
+    with pytest.raises(DataError, match=r"001_mask.png is 64x64 but its image .*001.png is 32x32.*mode=prepare"):
+        dm.test_set[index]
+
+
 def test_empty_class_folder_is_an_error(tmp_path):
     source = fake_mvtec_ad(tmp_path / "download")
     (source / "cable" / "train" / "good").mkdir(parents=True)
@@ -383,6 +393,10 @@ def test_validation_against_published_counts(tmp_path):
         "mvtec_ad/bottle: 3 test images, published 4 (1 missing)",
     ]
     assert sum(len(t) for t in PUBLISHED.values()) == 46  # every class of the paper's training set
+    totals = {name: (sum(p.train for p in t.values()), sum(p.test for p in t.values())) for name, t in PUBLISHED.items()}
+    # the per-class rows add up to the totals the datasets' papers give
+    assert totals["mvtec_ad"] == (3629, 1725) and totals["visa"] == (8659, 2162)
+    assert totals["mvtec_loco"] == (1772, 1568) and totals["mvtec_3d"] == (2656, 1197)
 
 
 # --------------------------------------------------------------------------- several datasets
@@ -492,3 +506,14 @@ def test_single_source_reads_like_one_datamodule(tmp_path):
                                    f"dataset.sources.visa.root={root}"]).dataset)
     assert both.name == "mvtec_ad+visa" and both.class_names()[0] == "mvtec_ad/bottle"
     assert len(both.list_samples("mvtec_ad/bottle", "train")) == 3
+
+
+def test_prepare_several_datasets_reports_each(tmp_path):
+    cfg = compose_cfg([
+        "dataset=[visa,ped2]", f"dataset.sources.visa.source={fake_visa(tmp_path / 'VisA')}",
+        f"dataset.sources.visa.root={tmp_path / 'visa'}", f"dataset.sources.ped2.source={tmp_path / 'absent'}",
+        f"dataset.sources.ped2.root={tmp_path / 'ped2'}", f"paths.output_dir={tmp_path / 'out'}",
+    ])
+    with pytest.raises(DataError, match=r"1 of 2 datasets could not be prepared:\n  ped2: .*absent"):
+        run_prepare(cfg)
+    assert (tmp_path / "visa" / ".prepared.json").is_file() and not (tmp_path / "ped2").exists()

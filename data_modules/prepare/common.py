@@ -2,7 +2,8 @@
 
 Conversions applied to inputs (each counted in :class:`PrepareSummary.conversions`):
 
-* PNG, JPEG and BMP images are hard-linked (copied when linking is not possible) unchanged;
+* PNG, JPEG and BMP images are hard-linked (copied when linking is not possible) unchanged, so
+  a prepared image takes no extra space (and is the same file as the download's);
   grayscale, palette and 16-bit images stay as they are (the loader turns them into 8-bit RGB,
   16-bit by a per-image min-max stretch).
 * TIFF images (and any other format Pillow reads) are re-encoded losslessly as PNG; 32-bit

@@ -105,7 +105,8 @@ def convert_ped2(source: Path, writer: Writer) -> None:
                            "Restore the mask from the original download")
                 continue
             try:
-                empty = not np.asarray(Image.open(gt).convert("L")).any()
+                with Image.open(gt) as img:
+                    empty = not np.asarray(img.convert("L")).any()
             except OSError:
                 writer.bad(gt, "unreadable mask (corrupt or truncated)", "Replace it from the original download")
                 continue

@@ -16,6 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from data_modules.base import DataError
 from data_modules.multi import MultiSourceDataModule
 from data_modules.prepare import prepare_dataset
 
@@ -24,15 +25,22 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> float | None:
     datamodule: MultiSourceDataModule = hydra.utils.instantiate(cfg.dataset)
-    report = {}
+    report, failed = {}, {}
     for name, module in datamodule.modules.items():
         source = datamodule.download_dirs.get(name)
         convert = getattr(module, "convert", None)
-        if convert is None:  # generated data (demo): make it, then check it
-            module.prepare_data()
-        result = prepare_dataset(name, module.root, source, convert, getattr(module, "format", name),
-                                 skip_bad=datamodule.skip_bad)
-        module.class_names()  # the configured classes exist
+        try:
+            if convert is None:  # generated data (demo): make it, then check it
+                module.prepare_data()
+            result = prepare_dataset(name, module.root, source, convert, getattr(module, "format", name),
+                                     skip_bad=datamodule.skip_bad)
+            module.class_names()  # the configured classes exist
+        except DataError as err:
+            if len(datamodule.modules) == 1:
+                raise
+            failed[name] = str(err)  # the other datasets are still prepared
+            log.error("%s: %s", name, err)
+            continue
         report[name] = {
             "root": str(result.root),
             "status": result.status,
@@ -48,4 +56,7 @@ def run(cfg: DictConfig) -> float | None:
     (out / "prepare.json").write_text(json.dumps(report, indent=1))
     warnings = sum(len(r["warnings"]) for r in report.values())
     log.info("Prepared %d dataset(s), %d warning(s); summary in %s", len(report), warnings, out / "prepare.json")
+    if failed:
+        raise DataError(f"{len(failed)} of {len(datamodule.modules)} datasets could not be prepared:\n"
+                        + "\n".join(f"  {name}: {error}" for name, error in failed.items()))
     return None
