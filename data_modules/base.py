@@ -5,6 +5,8 @@ Every dataset family is normalised to the MVTec AD layout::
     <root>/<class>/train/good/*.png
     <root>/<class>/test/<type>/*.png              (<type> = good or a defect type)
     <root>/<class>/ground_truth/<type>/<stem>_mask.png
+    <root>/<class>/validation/<type>/*.png        (optional: a dataset's own validation split)
+    <root>/<class>/ground_truth_validation/<type>/<stem>_mask.png
 
 A family only has to list its samples (:meth:`AnomalyDataModule.list_samples`).
 """
@@ -12,7 +14,7 @@ A family only has to list its samples (:meth:`AnomalyDataModule.list_samples`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +46,7 @@ class DataError(RuntimeError):
 class Sample:
     image_path: Path
     label: int  # 0 normal, 1 anomalous
-    split: str  # "train" or "test"
+    split: str  # "train", "test" or "validation"
     defect_type: str  # "good" or the defect folder name
     dataset: str
     class_name: str
@@ -60,7 +62,11 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def list_mvtec_samples(root: Path, dataset: str, class_name: str, split: str) -> list[Sample]:
-    """Samples of one class in the MVTec AD layout; a defect image without its mask is an error."""
+    """Samples of one class in the MVTec AD layout; a defect image without its mask is an error.
+
+    ``split``: ``train`` (``train/good``), ``test`` (``test/<type>``, masks in ``ground_truth``)
+    or ``validation`` (``validation/<type>``, masks in ``ground_truth_validation``).
+    """
     class_dir = root / class_name
     if split == "train":
         folder = class_dir / "train" / "good"
@@ -70,24 +76,27 @@ def list_mvtec_samples(root: Path, dataset: str, class_name: str, split: str) ->
         if not images:
             raise DataError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         return [Sample(p, 0, "train", "good", dataset, class_name) for p in images]
-    test_dir = class_dir / "test"
-    if not test_dir.is_dir():
-        raise DataError(f"{test_dir} not found: expected test images in <root>/<class>/test/<type>")
+    if split not in ("test", "validation"):
+        raise ValueError(f"split={split!r}: use train, test or validation")
+    split_dir = class_dir / split
+    gt_dir = class_dir / ("ground_truth" if split == "test" else "ground_truth_validation")
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir} not found: expected {split} images in <root>/<class>/{split}/<type>")
     samples = []
-    for type_dir in sorted(d for d in test_dir.iterdir() if d.is_dir()):
+    for type_dir in sorted(d for d in split_dir.iterdir() if d.is_dir()):
         defect = type_dir.name
         for image in list_images(type_dir):
             if defect == "good":
-                samples.append(Sample(image, 0, "test", defect, dataset, class_name))
+                samples.append(Sample(image, 0, split, defect, dataset, class_name))
                 continue
-            mask = class_dir / "ground_truth" / defect / f"{image.stem}_mask.png"
+            mask = gt_dir / defect / f"{image.stem}_mask.png"
             if not mask.is_file():
                 raise DataError(
                     f"mask for {image.relative_to(root)} not found: expected {mask.relative_to(root)}"
                 )
-            samples.append(Sample(image, 1, "test", defect, dataset, class_name, mask))
+            samples.append(Sample(image, 1, split, defect, dataset, class_name, mask))
     if not samples:
-        raise DataError(f"{test_dir} holds no test images")
+        raise DataError(f"{split_dir} holds no {split} images")
     return samples
 
 
@@ -166,7 +175,8 @@ class AnomalyDataset(Dataset):
         transforms: the image pipeline.
         class_keys: ``dataset/class`` names; a sample's ``class_index`` is its position here.
         jitter_ae: give the global experts a colour-jittered copy (training; original test too).
-        component_root: folder of cached component masks, or None for no masks.
+        component_root: folder of cached component masks, or None for no masks; a mapping
+            ``{dataset name: folder}`` when the samples come from several datasets.
     """
 
     def __init__(
@@ -175,7 +185,7 @@ class AnomalyDataset(Dataset):
         transforms: AnomalyTransforms,
         class_keys: Sequence[str],
         jitter_ae: bool,
-        component_root: Path | None = None,
+        component_root: Path | Mapping[str, Path | None] | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transforms = transforms
@@ -205,16 +215,28 @@ class AnomalyDataset(Dataset):
             "class_name": sample.class_name,
             "defect_type": sample.defect_type,
         }
-        if sample.split == "test":
+        if sample.split != "train":
             if sample.mask_path is None:
                 item["gt_mask"] = torch.zeros(1, *image.shape[-2:])
             else:
-                item["gt_mask"] = self.transforms.gt(open_image(sample.mask_path, "L")) > 0
-                if item["gt_mask"].shape[-2:] != image.shape[-2:]:
-                    raise DataError(f"mask {sample.mask_path} does not match its image {sample.image_path}")
-                item["gt_mask"] = item["gt_mask"].float()
-        if self.component_root is not None:
-            item["masks"] = self.transforms.masks(load_component_masks(self.component_root, sample, (img.height, img.width)))
+                mask = open_image(sample.mask_path, "L")
+                if mask.size != img.size:  # resizing both would hide a mask that belongs elsewhere
+                    raise DataError(
+                        f"mask {sample.mask_path} is {mask.width}x{mask.height} but its image {sample.image_path} is "
+                        f"{img.width}x{img.height}: replace the mask, or convert the dataset with mode=prepare "
+                        "(which resizes masks of the same aspect ratio)"
+                    )
+                item["gt_mask"] = (self.transforms.gt(mask) > 0).float()
+        component_root = self.component_root
+        if isinstance(component_root, Mapping):
+            if not any(component_root.values()):
+                return item
+            component_root = component_root.get(sample.dataset)
+            if component_root is None:  # a dataset without masks next to one with: no components
+                item["masks"] = self.transforms.masks(np.zeros((0, img.height, img.width), bool))
+                return item
+        if component_root is not None:
+            item["masks"] = self.transforms.masks(load_component_masks(component_root, sample, (img.height, img.width)))
         return item
 
 
@@ -266,6 +288,9 @@ class AnomalyDataModule(LightningDataModule):
         val_fraction: share of each class's test images (good and anomalous alike) held out as a
             validation set, e.g. for sweeps; they leave the test set. 0 (default, the original
             protocol): no validation set.
+        validation_split: validate on the dataset's own validation split
+            (``<class>/validation``, e.g. MVTec LOCO, MVTec 3D-AD, BMAD) when ``val_fraction`` is 0;
+            classes without one contribute nothing.
     """
 
     def __init__(
@@ -284,6 +309,7 @@ class AnomalyDataModule(LightningDataModule):
         gt_resize: str = "bilinear",
         download_hint: str = "",
         val_fraction: float = 0.0,
+        validation_split: bool = False,
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
@@ -297,6 +323,7 @@ class AnomalyDataModule(LightningDataModule):
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"dataset.val_fraction={val_fraction}: use a share in [0, 1), e.g. 0.3")
         self.val_fraction = val_fraction
+        self.validation_split = validation_split
         self.train_set: AnomalyDataset | None = None
         self.val_set: AnomalyDataset | None = None
         self.test_set: AnomalyDataset | None = None
@@ -318,6 +345,22 @@ class AnomalyDataModule(LightningDataModule):
     def list_samples(self, class_name: str, split: str) -> list[Sample]:
         return list_mvtec_samples(self.root, self.name, class_name, split)
 
+    def samples(self, split: str) -> list[Sample]:
+        """Every class's samples of ``split``; ``validation`` lists the classes that have one."""
+        if split == "validation":
+            names = [c for c in self.class_names() if (self.root / c / "validation").is_dir()]
+        else:
+            names = self.class_names()
+        return [s for c in names for s in self.list_samples(c, split)]
+
+    def split_samples(self) -> tuple[list[Sample], list[Sample]]:
+        """(validation, test) samples: ``val_fraction`` of the test images, else the dataset's own
+        validation split when ``validation_split`` is set, else no validation set."""
+        test = self.samples("test")
+        if self.val_fraction > 0:
+            return split_validation(test, self.val_fraction)
+        return (self.samples("validation") if self.validation_split else []), test
+
     @property
     def test_class_keys(self) -> list[str]:
         return [f"{self.name}/{c}" for c in self.class_names()]
@@ -326,12 +369,12 @@ class AnomalyDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         keys = self.test_class_keys
         if stage in (None, "fit") and self.train_set is None:
-            samples = [s for c in self.class_names() for s in self.list_samples(c, "train")]
+            samples = self.samples("train")
             self.train_set = AnomalyDataset(samples, self.transforms, keys, True, self.component_root)
             log.info("%s: %d training images in %d classes", self.name, len(samples), len(keys))
-        if self.test_set is None and (stage in (None, "test", "predict") or self.val_fraction > 0):
-            samples = [s for c in self.class_names() for s in self.list_samples(c, "test")]
-            val, test = split_validation(samples, self.val_fraction)
+        wants_val = self.val_fraction > 0 or self.validation_split
+        if self.test_set is None and (stage in (None, "test", "predict") or wants_val):
+            val, test = self.split_samples()
             self.test_set = AnomalyDataset(test, self.transforms, keys, self.eval_jitter, self.component_root)
             if val:
                 self.val_set = AnomalyDataset(val, self.transforms, keys, self.eval_jitter, self.component_root)

@@ -6,7 +6,8 @@ detached features of the same step.
 
 "original": every expert on every image (``dispatch="dense"``), two full encoder passes per
 forward, at test time too (``original_encoder_passes=True``), and after each training update a
-second full forward (no grad, train mode) whose features train the estimator. Its inference is
+second full forward (no grad, train mode) whose features train the estimator; the global
+students run on whole images (``student_strip_rows=0``). Its inference is
 the computation that ``tests/test_parity.py`` checks against the original code's outputs.
 
 Both use the same weights and inputs; inference outputs are compared.
@@ -36,7 +37,15 @@ log = logging.getLogger(__name__)
 
 STRUCTURES = {
     "ours": {"dispatch": "sparse", "original_encoder_passes": False},
-    "original": {"dispatch": "dense", "original_encoder_passes": True},
+    "original": {"dispatch": "dense", "original_encoder_passes": True, "student_strip_rows": 0},
+}
+
+# Inference from the original's structure to ours, one change at a time (cumulative).
+INFERENCE_STEPS = {
+    "original": STRUCTURES["original"],
+    "+ one encoder pass": {"dispatch": "dense", "original_encoder_passes": False, "student_strip_rows": 0},
+    "+ sparse dispatch": {"dispatch": "sparse", "original_encoder_passes": False, "student_strip_rows": 0},
+    "+ student strips (ours)": STRUCTURES["ours"],
 }
 
 
@@ -187,6 +196,7 @@ class BenchmarkSettings:
     iterations: int = 5
     expert_scaling: tuple[int, ...] = (6, 12, 24)  # experts per group for the cost-growth table
     scaling_batch_size: int = 8
+    inference_steps: bool = True  # time each change from the original to ours at the largest batch
 
 
 def _device(name: str) -> torch.device:
@@ -235,6 +245,25 @@ def run_benchmark(build_net: Callable[..., AnomalyMoE], settings: BenchmarkSetti
             _max_abs(getattr(outputs["ours"], k), getattr(outputs["original"], k))
             for k in ("map_patch", "map_global", "map_component", "routing_weights")
         )
+
+    if settings.inference_steps:
+        b = max(settings.infer_batch_sizes)
+        batch = make_batch(b, settings.image_size, settings.num_masks, device)
+        results["steps"] = {"batch_size": b}
+        for step, overrides in INFERENCE_STEPS.items():
+            net = build_net(**overrides, **extras).to(device).eval()
+            net.load_state_dict(nets["ours"].state_dict())
+
+            def infer(net=net):
+                with torch.no_grad(), autocast():
+                    return net(batch["image"], batch["image_ae"], batch["masks"], batch["num_masks"])
+
+            seconds = time_it(infer, device, settings.warmup, settings.iterations)
+            with peak_memory(device) as mem:
+                infer()
+            results["steps"][step] = {"seconds": seconds, "peak_bytes": mem["peak_bytes"]}
+            log.info("inference step %-24s batch %d: %.4f s/batch", step, b, seconds)
+            del net
 
     batch = make_batch(settings.train_batch_size, settings.image_size, settings.num_masks, device, seed=1)
     for structure, net in nets.items():
@@ -308,6 +337,22 @@ def format_report(results: dict) -> str:
     lines += ["", "Ratios (ours vs original): " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios(results).items())]
     diffs = ", ".join(f"b{b}: {d:.1e}" for b, d in results["max_output_diff"].items())
     lines += [f"Largest output difference (maps, routing): {diffs}", ""]
+    if "steps" in results:
+        steps = results["steps"]
+        first = steps["original"]
+        lines += [
+            f"Inference at batch {steps['batch_size']}, one change at a time (cumulative):",
+            "",
+            "| structure | s/batch | speedup | peak MiB | memory ratio |",
+            "|---|---|---|---|---|",
+        ]
+        for step in INFERENCE_STEPS:
+            v = steps[step]
+            lines.append(
+                f"| {step} | {v['seconds']:.3f} | {first['seconds'] / v['seconds']:.2f}x | "
+                f"{v['peak_bytes'] / mib:.0f} | {v['peak_bytes'] / max(1, first['peak_bytes']):.2f} |"
+            )
+        lines.append("")
     ns = s["expert_scaling"]
     lines += [
         f"Inference seconds per batch of {s['scaling_batch_size']} vs experts per group (top-k fixed):",

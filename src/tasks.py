@@ -40,7 +40,10 @@ def build_module(cfg: DictConfig) -> tuple[LightningDataModule, AnomalyMoEModule
         # The checkpoint holds the encoder: do not download or load backbone weights first.
         with open_dict(cfg):
             cfg.model.backbone.weights = WEIGHTS_DEFERRED
-    datamodule: LightningDataModule = hydra.utils.instantiate(cfg.dataset)
+    if not cfg.model.get("num_component_experts", 0) and "sources" in cfg.dataset:
+        datamodule = hydra.utils.instantiate(cfg.dataset, component_masks=None)  # no experts read them
+    else:
+        datamodule = hydra.utils.instantiate(cfg.dataset)
     net: AnomalyMoE = hydra.utils.instantiate(cfg.model)
     module: AnomalyMoEModule = hydra.utils.instantiate(cfg.module, net=net)
     return datamodule, module
@@ -60,23 +63,34 @@ def build_components(cfg: DictConfig) -> tuple[LightningDataModule, AnomalyMoEMo
     return datamodule, module, trainer
 
 
+def component_mask_folders(cfg: DictConfig) -> dict[str, str | None]:
+    """Where each dataset of ``cfg.dataset`` reads its component masks (None: nowhere)."""
+    top = cfg.dataset.get("component_masks", "default")
+    if "sources" not in cfg.dataset:
+        return {cfg.dataset.get("name", "dataset"): top}
+    return {
+        name: (source.get("component_masks") if top == "default" else top)
+        for name, source in cfg.dataset.sources.items()
+    }
+
+
 def require_component_masks(cfg: DictConfig) -> None:
-    """Training with component experts needs the dataset's component masks (``mode=segment``).
+    """Training with component experts needs the datasets' component masks (``mode=segment``).
 
     Without them the component experts would get no gradient and stay at their initial weights
     (the original's released training loader never found its masks, SPEC 10 B2).
     """
-    if not cfg.model.get("num_component_experts", 0):
+    experts = cfg.model.get("num_component_experts", 0)
+    if not experts:
         return
-    masks = cfg.dataset.get("component_masks")
-    fixes = (f"compute them with `python run.py mode=segment dataset={cfg.dataset.get('name', '<name>')}` "
-             "(and point dataset.component_masks at segment.output), or train without component experts "
-             "with model.num_component_experts=0")
-    if not masks:
-        raise DataError(f"model.num_component_experts={cfg.model.num_component_experts} but dataset.component_masks "
-                        f"is null: {fixes}")
-    if not Path(masks).expanduser().is_dir():
-        raise DataError(f"component masks folder dataset.component_masks={masks} does not exist: {fixes}")
+    for name, masks in component_mask_folders(cfg).items():
+        key = "dataset.component_masks" if len(cfg.dataset.get("sources") or [1]) == 1 else f"dataset.sources.{name}.component_masks"
+        fixes = (f"compute them with `python run.py mode=segment dataset={name}`, point {key} at a folder of "
+                 "masks, or train without component experts with model.num_component_experts=0")
+        if not masks:
+            raise DataError(f"model.num_component_experts={experts} but {key} is null: {fixes}")
+        if not Path(masks).expanduser().is_dir():
+            raise DataError(f"component masks folder {key}={masks} does not exist: {fixes}")
 
 
 def load_weights(module: AnomalyMoEModule, path: str | Path) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.benchmark import STRUCTURES, BenchmarkSettings, Trainer, append_to_benchmarks, format_report, make_batch, run_benchmark
+from src.benchmark import INFERENCE_STEPS, STRUCTURES, BenchmarkSettings, Trainer, append_to_benchmarks, format_report, make_batch, run_benchmark
 from src.losses import LossWeights
 from src.module import AnomalyMoEModule
 from tests.conftest import tiny_model
@@ -27,6 +27,7 @@ def test_benchmark_runs_both_structures_and_they_agree(tmp_path):
     assert set(results["scaling"]) == {(s, n) for s in STRUCTURES for n in (2, 3)}
     report = format_report(results)
     assert "| ours |" in report and "inference_speedup_b2" in report
+    assert set(results["steps"]) == {"batch_size", *INFERENCE_STEPS} and "+ sparse dispatch" in report
 
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\n## Data loading\n\n| a |\n|---|\n| 1 |\n")

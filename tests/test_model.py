@@ -108,6 +108,22 @@ def test_global_expert_output_follows_the_token_grid(size):
     assert ae.shape == student.shape == (1, 16, *grid)
 
 
+@pytest.mark.parametrize(("size", "strip_rows"), [(56, 1), (70, 2), (168, 5), (168, 12)])
+def test_student_in_strips_equals_whole_image(size, strip_rows):
+    """Strip-wise inference of the student's large stages gives the whole-image values, and
+    training (with gradients) always runs on whole images."""
+    torch.manual_seed(0)
+    expert = GlobalExpert(out_channels=16, ae_channels=4, student_channels=(8, 16)).eval()
+    image = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        whole = expert.student(image, strip_rows=0)
+        strips = expert.student(image, strip_rows=strip_rows)
+    assert strips.shape == whole.shape == (2, 16, size // 14, size // 14)
+    torch.testing.assert_close(strips, whole, rtol=0, atol=1e-6)
+    with torch.enable_grad():
+        torch.testing.assert_close(expert.student(image, strip_rows=strip_rows), whole, rtol=0, atol=1e-6)
+
+
 def test_global_autoencoder_is_unpadded_at_392():
     """At 392 px the autoencoder code is 1x1 as in the original; no padding kicks in."""
     expert = GlobalExpert(out_channels=8, ae_channels=4, student_channels=(8, 8)).eval()

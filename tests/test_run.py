@@ -36,13 +36,24 @@ def test_experiments_compose(experiment):
     assert cfg.model._target_ and cfg.dataset._target_ and cfg.trainer.max_steps > 0
 
 
-@pytest.mark.parametrize("dataset", [d for d in DATASETS if d != "demo"])
+@pytest.mark.parametrize("dataset", [d for d in DATASETS if d not in ("demo", "all")])
 def test_absent_dataset_names_path_and_source(dataset, tmp_path):
     cfg = compose_cfg([f"dataset={dataset}", "model.top_k=3", f"dataset.root={tmp_path / 'absent'}"])
     assert cfg.model.top_k == 3
     datamodule = instantiate(cfg.dataset)
     with pytest.raises(DataError, match=r"absent.*(Download|download)"):
         datamodule.setup()
+
+
+def test_several_datasets_need_a_root_each(tmp_path):
+    from hydra.errors import InstantiationException
+
+    cfg = compose_cfg(["dataset=all", f"dataset.root={tmp_path}"])
+    with pytest.raises(InstantiationException, match=r"dataset.sources.mvtec_ad.root, .*dataset.sources.visa.root"):
+        instantiate(cfg.dataset)
+    cfg = compose_cfg(["dataset=all", *[f"dataset.sources.{name}.root={tmp_path / 'absent'}" for name in cfg.dataset.sources]])
+    with pytest.raises(DataError, match=r"absent.*(Download|download)"):
+        instantiate(cfg.dataset).setup()
 
 
 def run_cli(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -100,7 +100,7 @@ def test_training_refuses_to_start_without_component_masks(tmp_path):
 
     base = ["dataset=mvtec_ad", f"paths.data_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}"]
     cfg = compose_cfg(base)
-    assert cfg.dataset.component_masks == str(tmp_path / "components" / "mvtec_ad")  # the segment cache
+    assert cfg.dataset.sources.mvtec_ad.component_masks == str(tmp_path / "components" / "mvtec_ad")  # the segment cache
     with pytest.raises(DataError, match=r"does not exist.*mode=segment dataset=mvtec_ad.*num_component_experts=0"):
         run(cfg)
     with pytest.raises(DataError, match=r"is null.*mode=segment.*num_component_experts=0"):

@@ -118,6 +118,9 @@ class AnomalyMoE(nn.Module):
             only useful to measure the original's cost.
         channels_last: keep the convolutional global experts in channels-last memory format
             (faster convolutions on recent GPUs).
+        student_strip_rows: without gradients (inference), compute the global students' two
+            full-resolution stages in strips of this many token-grid rows, keeping a fraction of
+            their activations in memory (same values); 0: whole images, like the original.
         compile_experts: ``torch.compile`` each patch and global expert (dynamic batch size,
             since sparse dispatch gives each expert a varying number of images), with
             ``compile_backend``.
@@ -150,6 +153,7 @@ class AnomalyMoE(nn.Module):
         channels_last: bool = False,
         compile_experts: bool = False,
         compile_backend: str = "inductor",
+        student_strip_rows: int = 4,
     ) -> None:
         super().__init__()
         self.num_experts = (num_patch_experts, num_global_experts, num_component_experts)
@@ -180,7 +184,8 @@ class AnomalyMoE(nn.Module):
             PatchExpert(dim, heads, decoder_depth, mlp_ratio, bottleneck_dropout) for _ in range(num_patch_experts)
         )
         self.global_experts = nn.ModuleList(
-            GlobalExpert(dim, ae_channels, tuple(student_channels), ae_dropout) for _ in range(num_global_experts)
+            GlobalExpert(dim, ae_channels, tuple(student_channels), ae_dropout, student_strip_rows)
+            for _ in range(num_global_experts)
         )
         self.component_experts = nn.ModuleList(
             ComponentExpert(dim, tuple(component_hidden), component_dropout) for _ in range(num_component_experts)

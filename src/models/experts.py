@@ -141,7 +141,16 @@ def _pad_to_kernel(x: Tensor, conv: nn.Conv2d) -> Tensor:
 
 
 class Student(nn.Sequential):
-    """Convolutional "student" mapping the image to the token grid (SPEC 4.2); stride 2 * 7 = 14."""
+    """Convolutional "student" mapping the image to the token grid (SPEC 4.2); stride 2 * 7 = 14.
+
+    Its two first stages (3x3 convolution, ReLU, average pooling) hold the largest activations
+    of the model: 256 and 512 channels at full and half image resolution. Without gradients,
+    ``strip_rows > 0`` computes them in horizontal strips of ``strip_rows`` token-grid rows
+    (``14 * strip_rows`` image rows) and keeps only the pooled result, which is the same
+    computation on the same inputs (each output pixel sees the same zero-padded window), with a
+    fraction of the peak memory. ``strip_rows=0`` runs each stage on the whole image, like the
+    original.
+    """
 
     def __init__(self, out_channels: int, channels: tuple[int, int] = (256, 512)) -> None:
         c1, c2 = channels
@@ -156,19 +165,53 @@ class Student(nn.Sequential):
             nn.Conv2d(out_channels, out_channels, 1),
         )  # fmt: skip
 
+    def forward(self, image: Tensor, strip_rows: int = 0) -> Tensor:  # type: ignore[override]
+        if strip_rows <= 0 or torch.is_grad_enabled():
+            return super().forward(image)
+        x = _strip_conv_relu_pool(image, self[0], 2, 14 * strip_rows)
+        x = _strip_conv_relu_pool(x, self[3], 7, 7 * strip_rows)
+        for layer in list(self)[6:]:
+            x = layer(x)
+        return x
+
+
+def _strip_conv_relu_pool(x: Tensor, conv: nn.Conv2d, pool: int, rows: int) -> Tensor:
+    """``avg_pool(relu(conv(x)), pool)`` for a 3x3, stride-1, padding-1 ``conv``, computed over
+    strips of ``rows`` output rows (a multiple of ``pool``) so that only one strip of the
+    full-resolution activation exists at a time."""
+    assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+    height = x.shape[-2]
+    if rows >= height:
+        return F.avg_pool2d(F.relu(conv(x)), pool)
+    padded = F.pad(x, (0, 0, 1, 1))  # rows only; columns keep the convolution's own padding
+    strips = []
+    for top in range(0, height - height % pool, rows):
+        bottom = min(top + rows, height - height % pool)
+        out = F.conv2d(padded[..., top : bottom + 2, :], conv.weight, conv.bias, padding=(0, 1))
+        strips.append(F.avg_pool2d(out.relu_(), pool))
+    return torch.cat(strips, dim=-2)
+
 
 class GlobalExpert(nn.Module):
     """Autoencoder + student pair reading the (colour-jittered) image (SPEC 4)."""
 
-    def __init__(self, out_channels: int, ae_channels: int = 32, student_channels=(256, 512), drop: float = 0.2) -> None:
+    def __init__(
+        self,
+        out_channels: int,
+        ae_channels: int = 32,
+        student_channels=(256, 512),
+        drop: float = 0.2,
+        strip_rows: int = 0,
+    ) -> None:
         super().__init__()
         self.autoencoder = GlobalAutoencoder(out_channels, ae_channels, drop)
         self.student = Student(out_channels, tuple(student_channels))
+        self.strip_rows = strip_rows
 
     def forward(self, image: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """(n, 3, H, W) -> autoencoder and student maps, each (n, C, h, w)."""
         ae = self.autoencoder(image, grid)
-        student = self.student(image)
+        student = self.student(image, self.strip_rows)
         assert student.shape[-2:] == ae.shape[-2:], (
             f"student grid {tuple(student.shape[-2:])} != token grid {grid}; the image side must be a multiple of 14"
         )

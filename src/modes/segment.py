@@ -69,25 +69,60 @@ def format_report(report: SegmentReport, ious: dict | None) -> str:
     return "\n".join(lines)
 
 
+def output_folders(cfg: DictConfig, datamodule) -> dict[str, tuple[object, Path]]:
+    """``{dataset: (its datamodule, the folder its masks go to)}``: ``segment.output`` for a
+    single dataset, otherwise where each dataset reads its masks (``component_masks``)."""
+    from data_modules.base import DataError
+
+    modules = getattr(datamodule, "modules", None) or {datamodule.name: datamodule}
+    if cfg.segment.get("output"):
+        if len(modules) > 1:
+            raise DataError(f"segment.output is one folder but there are several datasets ({', '.join(modules)}): leave "
+                            "it null to write each to its dataset.sources.<name>.component_masks folder")
+        (name, module), = modules.items()
+        return {name: (module, Path(cfg.segment.output).expanduser())}
+    folders = {}
+    for name, module in modules.items():
+        if module.component_root is None:
+            raise DataError(f"dataset {name} has no component_masks folder to write to: set segment.output=<folder> "
+                            f"or dataset.sources.{name}.component_masks=<folder>")
+        folders[name] = (module, module.component_root)
+    return folders
+
+
 def run(cfg: DictConfig) -> float | None:
     """Segment every image of ``cfg.dataset``; returns the mean IoU against ``segment.truth`` if any."""
+    from data_modules.base import DataError
+
     s = cfg.segment
     datamodule = hydra.utils.instantiate(cfg.dataset)
+    folders = output_folders(cfg, datamodule)
+    def truth_of(module) -> Path | None:  # a relative segment.truth is inside each dataset's root
+        return None if not s.get("truth") else module.root / Path(s.truth).expanduser()
+
+    for name, (module, output) in folders.items():
+        truth = truth_of(module)
+        if truth is not None and output.resolve() == truth.resolve():
+            raise DataError(f"segment output {output} is the folder of true masks (segment.truth): set segment.output "
+                            "to another folder")
     segmenter = build_segmenter(s)
-    output = Path(s.output).expanduser()
-    report = segment_dataset(
-        datamodule, segmenter, output, int(s.k), OmegaConf.to_container(s.k_per_class, resolve=True) if s.k_per_class else None,
-        int(s.image_size), BackgroundRule(**OmegaConf.to_container(s.background, resolve=True)), list(s.splits),
-    )
-    truth = Path(s.truth).expanduser() if s.get("truth") else None
-    ious = part_iou(output, truth, datamodule, list(s.splits)) if truth is not None and truth.is_dir() else None
-    print("\n" + format_report(report, ious) + "\n", flush=True)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"output": str(output), "route": s.route,
-               "classes": {c.class_name: {"images": c.images, "computed": c.computed, "reused": c.reused,
-                                          "refit": c.refit, "kept": c.kept, "seconds": c.seconds} for c in report.classes},
-               "iou": ious}
-    (out / "segment.json").write_text(json.dumps(summary, indent=2))
-    scored = [v["iou"] for v in (ious or {}).values() if v["iou"] is not None]
+    summary, scored = {}, []
+    for name, (module, output) in folders.items():
+        report = segment_dataset(
+            module, segmenter, output, int(s.k),
+            OmegaConf.to_container(s.k_per_class, resolve=True) if s.k_per_class else None,
+            int(s.image_size), BackgroundRule(**OmegaConf.to_container(s.background, resolve=True)), list(s.splits),
+        )
+        truth = truth_of(module)
+        ious = part_iou(output, truth, module, list(s.splits)) if truth is not None and truth.is_dir() else None
+        print("\n" + format_report(report, ious) + "\n", flush=True)
+        summary[name] = {"output": str(output), "route": s.route,
+                         "classes": {c.class_name: {"images": c.images, "computed": c.computed, "reused": c.reused,
+                                                    "refit": c.refit, "kept": c.kept, "seconds": c.seconds}
+                                     for c in report.classes},
+                         "iou": ious}
+        scored += [v["iou"] for v in (ious or {}).values() if v["iou"] is not None]
+    (out / "segment.json").write_text(json.dumps(summary if len(summary) > 1 else next(iter(summary.values())), indent=2))
     return sum(scored) / len(scored) if scored else None

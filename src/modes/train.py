@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import hydra
 from lightning import Trainer
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
 from callbacks.resume import find_resume_checkpoint
@@ -39,7 +41,9 @@ def run(cfg: DictConfig) -> float | None:
     Returns ``cfg.optimized_metric`` when set (e.g. ``val/image_auroc`` for sweeps), otherwise
     the mean test image AUROC.
     """
-    require_component_masks(cfg)
+    if rank_zero_only.rank == 0 and cfg.model.get("num_component_experts", 0):
+        hydra.utils.instantiate(cfg.dataset).prepare_data()  # the demo generator writes its true part masks
+    require_component_masks(cfg)  # before building the model: fail fast
     resume = resolve_resume_path(cfg)
     with open_dict(cfg):
         cfg.ckpt_path = resume  # no file: build the model with its backbone weights as usual

@@ -1,0 +1,298 @@
+"""One model on several datasets: a datamodule holding one family datamodule per source.
+
+Every ``conf/dataset/<name>.yaml`` puts its own settings under ``sources.<name>`` (family class,
+root, classes, download folder, ...) and the loader settings (sizes, batch sizes, workers,
+jitter, ...) at the top level, so ``dataset=[mvtec_ad,visa]`` merges into one config. With a
+single source, the top-level ``root``, ``classes``, ``source`` and ``component_masks`` (and any
+other source key given at the top level) apply to it, as with one dataset.
+
+Training samples are drawn uniformly over all images, like the original (``balance=image``),
+or with equal total weight per dataset (``balance=dataset``). Test and validation sets hold
+every class of every source; batches carry ``dataset`` and ``class_name``, so reports are
+per class and per dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import get_class
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from data_modules.base import AnomalyDataModule, AnomalyDataset, DataError, Sample, collate_samples
+
+log = logging.getLogger(__name__)
+
+INHERIT = "default"  # top-level component_masks: each source's own setting
+SOURCE_ONLY = ("root", "classes", "source")
+
+
+class BalancedSampler(Sampler[int]):
+    """Indices drawn with replacement with probability ``weights``, ``num_samples`` per epoch.
+
+    The order is a function of ``(seed, epoch)`` alone: Lightning sets the epoch
+    (:meth:`set_epoch`; without it each pass moves to the next epoch), so every process of a DDP
+    run draws the same order, and a resumed run draws the same indices again. The iterator's
+    state (seed, epoch, indices given) is saved by the StatefulDataLoader for a mid-epoch resume.
+    """
+
+    def __init__(self, weights: Sequence[float], num_samples: int, seed: int | None = None) -> None:
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+        self.num_samples = num_samples
+        # Like torch's samplers, the seed comes from the global RNG (seeded by ``seed=``).
+        self.seed = int(torch.empty((), dtype=torch.int64).random_().item()) if seed is None else seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.multinomial(self.weights, self.num_samples, True, generator=generator).tolist()
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        iterator = _BalancedIterator(self, self.epoch)
+        self.epoch += 1
+        return iterator
+
+
+class _BalancedIterator(Iterator[int]):
+    def __init__(self, sampler: BalancedSampler, epoch: int) -> None:
+        self.sampler, self.epoch, self.yielded = sampler, epoch, 0
+        self.indices = sampler.order(epoch)
+
+    def __next__(self) -> int:
+        if self.yielded >= len(self.indices):
+            raise StopIteration
+        self.yielded += 1
+        return self.indices[self.yielded - 1]
+
+    def state_dict(self) -> dict:
+        return {"seed": self.sampler.seed, "epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.seed, self.epoch, self.yielded = state["seed"], state["epoch"], state["yielded"]
+        self.indices = self.sampler.order(self.epoch)
+        self.sampler.epoch = self.epoch + 1
+
+
+class MultiSourceDataModule(LightningDataModule):
+    """Several datasets as one: the union of their classes, keyed ``<dataset>/<class>``.
+
+    Args:
+        sources: ``{name: settings}``; settings hold ``_target_`` (a family datamodule class, see
+            :mod:`data_modules.families`) and its own arguments (``root``, ``classes``,
+            ``download_hint``, ``source``: the download folder for ``mode=prepare``, ...).
+        name: a single source's name in reports (renames it); with several sources only a label
+            of the combination (default: the names joined by ``+``).
+        root / classes / source: for a single source, override its settings; with several
+            sources they must stay unset (set ``sources.<name>.root`` etc.).
+        component_masks: ``default`` = each source's own; ``null`` = none for every source; a
+            folder (single source).
+        balance: ``image`` (uniform over images, the original) or ``dataset`` (each dataset
+            gets the same share of training samples).
+        skip_bad: ``mode=prepare`` leaves unusable inputs out (counted) instead of stopping.
+        The remaining arguments are the loader settings of :class:`AnomalyDataModule`, shared by
+        every source; other keyword arguments are source settings of the single source.
+    """
+
+    def __init__(
+        self,
+        sources: Mapping[str, Mapping],
+        name: str | None = None,
+        root: str | None = None,
+        classes: Sequence[str] | None = None,
+        source: str | None = None,
+        component_masks: str | None = INHERIT,
+        balance: str = "image",
+        skip_bad: bool = False,
+        image_size: int | None = 392,
+        resize: int = 448,
+        batch_size: int = 8,
+        test_batch_size: int = 16,
+        num_workers: int = 4,
+        jitter: float = 0.2,
+        eval_jitter: bool = False,
+        gt_resize: str = "bilinear",
+        val_fraction: float = 0.0,
+        validation_split: bool = False,
+        **source_overrides,
+    ) -> None:
+        super().__init__()
+        if not sources:
+            raise DataError("dataset.sources is empty: choose dataset=<name> or dataset=[<name>,<name>]")
+        if len(sources) == 1 and name and name not in sources:
+            sources = {name: next(iter(sources.values()))}
+        if balance not in ("image", "dataset"):
+            raise ValueError(f"dataset.balance={balance!r}: use image (uniform over images) or dataset")
+        overrides = {"root": root, "classes": classes, "source": source, **source_overrides}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if component_masks != INHERIT and component_masks is not None:
+            overrides["component_masks"] = component_masks
+        if len(sources) > 1 and overrides:
+            key = next(iter(overrides))
+            raise DataError(
+                f"dataset.{key} is ambiguous with several datasets ({', '.join(sources)}): set "
+                + ", ".join(f"dataset.sources.{name}.{key}" for name in sources) + " instead"
+            )
+        shared = dict(image_size=image_size, resize=resize, batch_size=batch_size, test_batch_size=test_batch_size,
+                      num_workers=num_workers, jitter=jitter, eval_jitter=eval_jitter, gt_resize=gt_resize,
+                      val_fraction=val_fraction, validation_split=validation_split)
+        self.label = name if name and len(sources) > 1 and name not in sources else "+".join(sources)
+        self.modules: dict[str, AnomalyDataModule] = {}
+        self.download_dirs: dict[str, str | None] = {}
+        for key, settings in sources.items():
+            settings = {**dict(settings), **overrides}
+            if component_masks is None:  # null: no component masks for any dataset
+                settings["component_masks"] = None
+            target = settings.pop("_target_", "data_modules.families.MVTecADDataModule")
+            self.download_dirs[key] = settings.pop("source", None)
+            self.modules[key] = get_class(target)(name=key, **settings, **shared)
+        self.balance, self.skip_bad = balance, skip_bad
+        self.batch_size, self.test_batch_size, self.num_workers = batch_size, test_batch_size, num_workers
+        first = next(iter(self.modules.values()))
+        self.transforms = first.transforms
+        self.val_fraction = val_fraction
+        self.train_set: AnomalyDataset | None = None
+        self.val_set: AnomalyDataset | None = None
+        self.test_set: AnomalyDataset | None = None
+
+    # ------------------------------------------------------------------ what single-dataset code reads
+    @property
+    def name(self) -> str:
+        return self.label
+
+    @property
+    def single(self) -> AnomalyDataModule | None:
+        """The only source, or None when there are several."""
+        return next(iter(self.modules.values())) if len(self.modules) == 1 else None
+
+    @property
+    def root(self) -> Path:
+        if len(self.modules) > 1:
+            raise AttributeError(f"datasets {self.name} have one root each: see .modules[<name>].root")
+        return next(iter(self.modules.values())).root
+
+    @property
+    def component_root(self) -> Path | dict[str, Path | None] | None:
+        roots = {name: m.component_root for name, m in self.modules.items()}
+        if not any(roots.values()):
+            return None
+        return next(iter(roots.values())) if len(roots) == 1 else roots
+
+    def class_names(self) -> list[str]:
+        """What :meth:`list_samples` takes: the class names of a single source (as with one
+        datamodule), the class keys ``<dataset>/<class>`` with several."""
+        return self.single.class_names() if self.single else self.test_class_keys
+
+    def list_samples(self, class_name: str, split: str) -> list[Sample]:
+        """Samples of a class (a name of :meth:`class_names`) and split."""
+        if self.single:
+            return self.single.list_samples(class_name, split)
+        dataset, _, name = class_name.partition("/")
+        if dataset not in self.modules:
+            raise DataError(f"class key {class_name!r}: expected <dataset>/<class> with a dataset of {list(self.modules)}")
+        return self.modules[dataset].list_samples(name, split)
+
+    @property
+    def test_class_keys(self) -> list[str]:
+        keys = [key for m in self.modules.values() for key in m.test_class_keys]
+        duplicates = [k for k, n in Counter(keys).items() if n > 1]
+        if duplicates:
+            raise DataError(f"class keys {duplicates} appear twice: give each dataset source its own name")
+        return keys
+
+    # ------------------------------------------------------------------ datasets
+    def prepare_data(self) -> None:
+        for module in self.modules.values():
+            module.prepare_data()
+
+    def _dataset(self, samples: list[Sample], jitter_ae: bool) -> AnomalyDataset:
+        return AnomalyDataset(samples, self.transforms, self.test_class_keys, jitter_ae, self.component_root)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            samples = [s for m in self.modules.values() for s in m.samples("train")]
+            self.train_set = self._dataset(samples, True)
+            counts = Counter(s.dataset for s in samples)
+            log.info("%s: %d training images in %d classes (%s)", self.name, len(samples), len(self.test_class_keys),
+                     ", ".join(f"{k} {n}" for k, n in counts.items()))
+        wants_val = self.val_fraction > 0 or any(m.validation_split for m in self.modules.values())
+        if self.test_set is None and (stage in (None, "test", "predict") or wants_val):
+            val, test = [], []
+            for module in self.modules.values():
+                v, t = module.split_samples()
+                val, test = val + v, test + t
+            eval_jitter = next(iter(self.modules.values())).eval_jitter
+            self.test_set = self._dataset(test, eval_jitter)
+            if val:
+                self.val_set = self._dataset(val, eval_jitter)
+            log.info("%s: %d test images, %d for validation", self.name, len(test), len(val))
+
+    def train_sampler(self) -> Sampler | None:
+        """None (uniform shuffling) or, with ``balance=dataset``, a sampler giving each dataset
+        the same share of the epoch's samples."""
+        if self.balance == "image" or self.train_set is None:
+            return None
+        datasets = [s.dataset for s in self.train_set.samples]
+        sizes = Counter(datasets)
+        weights = np.array([1.0 / sizes[d] for d in datasets])
+        return BalancedSampler(weights / weights.sum(), len(datasets))
+
+    def _loader(self, dataset: AnomalyDataset, batch_size: int, train: bool) -> DataLoader:
+        # The training loader is stateful (exact resume); both samplers keep their state in it.
+        sampler = self.train_sampler() if train else None
+        loader_class = StatefulDataLoader if train else DataLoader
+        return loader_class(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=train and len(dataset) >= batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_samples,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup('fit') first"
+        return self._loader(self.train_set, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            raise DataError(
+                f"dataset '{self.name}' has no validation set: set dataset.val_fraction (e.g. 0.3) to hold out "
+                "part of each class's test images, dataset.validation_split=true to use a dataset's own "
+                "validation split, or trainer.limit_val_batches=0"
+            )
+        return self._loader(self.val_set, self.test_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        assert self.test_set is not None, "call setup('test') first"
+        return self._loader(self.test_set, self.test_batch_size, train=False)
+
+    def normal_dataloader(self, images_per_class: int | None = None) -> DataLoader:
+        """Normal training images of every class with the test-time pipeline (calibration); up
+        to ``images_per_class`` per class, evenly spaced."""
+        samples = []
+        for module in self.modules.values():
+            for class_name in module.class_names():
+                listed = module.list_samples(class_name, "train")
+                if images_per_class is not None and len(listed) > images_per_class:
+                    picks = np.linspace(0, len(listed) - 1, images_per_class).round().astype(int)
+                    listed = [listed[i] for i in picks]
+                samples += listed
+        eval_jitter = next(iter(self.modules.values())).eval_jitter
+        log.info("%s: %d normal training images for calibration", self.name, len(samples))
+        return self._loader(self._dataset(samples, eval_jitter), self.test_batch_size, train=False)
