@@ -246,3 +246,25 @@ def test_segment_then_train_from_the_command_line(small_demo_root, tmp_path):
             "dataset.batch_size=8", "test_after_training=false", f"paths.output_dir={tmp_path / 'train'}")
     rows = list(csv.DictReader(open(tmp_path / "train" / "csv" / "metrics.csv")))
     assert any(float(r["train/component"] or 0) > 0 for r in rows)
+
+
+def test_every_image_extension_is_segmented(tmp_path):
+    """Test images in any extension get masks (the original globbed test folders for *.png only)."""
+    from data_modules.base import AnomalyDataModule
+
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i, (split, kind, name) in enumerate([("train", "good", "000.png"), ("train", "good", "001.JPG"),
+                                             ("test", "good", "002.JPG"), ("test", "good", "003.jpeg")]):
+        img = np.full((32, 32, 3), 200, np.uint8)
+        img[8:24, 8:24] = (200, 30, 30)  # a red part on a grey board
+        img = np.clip(img + rng.integers(-5, 5, img.shape), 0, 255).astype(np.uint8)
+        (root / "part" / split / kind).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / "part" / split / kind / name, quality=95)
+    datamodule = AnomalyDataModule(str(root), "jpegs", image_size=28, resize=32, num_workers=0)
+    segmenter = ClusterSegmenter(ColorFeatures(stride=2), coreset_ratio=1.0, refine_settings=RefineSettings(iterations=1))
+    report = segment_dataset(datamodule, segmenter, tmp_path / "masks", k=2, image_size=32)
+    assert report.computed == 4 and report.classes[0].kept == [next(iter(set(range(2)) - set(report.classes[0].dropped)))]
+    for split, name in [("train", "001"), ("test", "002"), ("test", "003")]:
+        masks = read_component_masks(tmp_path / "masks" / "part" / split / "good" / f"{name}.npz")
+        assert masks.shape == (1, 32, 32) and masks[0, 10:22, 10:22].all() and not masks[0, :4].any()
