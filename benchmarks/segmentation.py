@@ -33,7 +33,7 @@ SETTINGS = {
     "demo-backbone": dict(route="cluster", size=196, features="vit_base_patch14_reg4_dinov2", arch=TINY),
     "vits-448": dict(route="cluster", size=448, features="vit_small_patch14_reg4_dinov2"),
     "vitb-448": dict(route="cluster", size=448, features="vit_base_patch14_reg4_dinov2"),
-    "sam-vitb-1024": dict(route="sam", size=1024, features="color", points_per_side=16),
+    "sam-vitb-1024": dict(route="sam", size=1024, features="color", points_per_side=8),
 }
 
 
@@ -57,7 +57,7 @@ def build(setting: dict):
     from src.segment.sam import SamSegmenter, build_sam
 
     return SamSegmenter(build_sam("vit_b"), features, points_per_side=setting["points_per_side"],
-                        pred_iou_thresh=0.0, stability_score_thresh=0.0)
+                        pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, min_mask_area=0.0)
 
 
 def timed(fn):

@@ -124,15 +124,15 @@ def test_cache_skips_current_images_and_recomputes_changes(small_demo_root, tmp_
     out = tmp_path / "masks"
 
     def run(**kwargs):
-        start = time.perf_counter()
-        report = segment_dataset(datamodule, segmenter, out, k=3, image_size=98, **kwargs)
-        return report, time.perf_counter() - start
+        start = time.process_time()  # CPU time: steadier than wall time on a shared machine
+        report = segment_dataset(datamodule, segmenter, out, k=3, image_size=140, **kwargs)
+        return report, time.process_time() - start
 
     first, t_first = run()
     assert first.computed == 36 and all(c.refit == "no cache yet" for c in first.classes)
-    second, t_second = run()
-    assert second.computed == 0 and all(c.refit is None for c in second.classes)
-    assert t_first >= 10 * t_second, (t_first, t_second)
+    (second, t_second), (third, t_third) = run(), run()
+    assert second.computed == third.computed == 0 and all(c.refit is None for c in second.classes)
+    assert t_first >= 10 * min(t_second, t_third), (t_first, t_second, t_third)
 
     changed, _ = run(k_per_class={"widget": 4})  # a parameter of one class: that class only
     widget, fabric = {c.class_name: c for c in changed.classes}["widget"], {c.class_name: c for c in changed.classes}["fabric"]
@@ -228,3 +228,43 @@ def test_sam_checkpoint_errors_say_where_to_get_one(tmp_path):
     torch.save({"weight": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="does not fit a vit_b SAM"):
         load_sam(str(bad), "vit_b", TINY_SAM)
+
+
+@pytest.mark.slow
+def test_segment_then_train_from_the_command_line(small_demo_root, tmp_path):
+    """`mode=segment` then `mode=train` on its cache: the component loss is non-zero."""
+    import csv
+
+    from tests.test_run import run_cli
+
+    masks = tmp_path / "masks"
+    common = [*small_demo_overrides(small_demo_root), f"segment.output={masks}"]
+    proc = run_cli(*common, "mode=segment", "segment.features=color", "segment.image_size=96",
+                   f"paths.output_dir={tmp_path / 'segment'}")
+    assert "| widget | 20 | 20 | 0 | 3 | 1 |" in proc.stdout
+    run_cli(*common, f"dataset.component_masks={masks}", "trainer.max_steps=2", "trainer.log_every_n_steps=1",
+            "dataset.batch_size=8", "test_after_training=false", f"paths.output_dir={tmp_path / 'train'}")
+    rows = list(csv.DictReader(open(tmp_path / "train" / "csv" / "metrics.csv")))
+    assert any(float(r["train/component"] or 0) > 0 for r in rows)
+
+
+def test_every_image_extension_is_segmented(tmp_path):
+    """Test images in any extension get masks (the original globbed test folders for *.png only)."""
+    from data_modules.base import AnomalyDataModule
+
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i, (split, kind, name) in enumerate([("train", "good", "000.png"), ("train", "good", "001.JPG"),
+                                             ("test", "good", "002.JPG"), ("test", "good", "003.jpeg")]):
+        img = np.full((32, 32, 3), 200, np.uint8)
+        img[8:24, 8:24] = (200, 30, 30)  # a red part on a grey board
+        img = np.clip(img + rng.integers(-5, 5, img.shape), 0, 255).astype(np.uint8)
+        (root / "part" / split / kind).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / "part" / split / kind / name, quality=95)
+    datamodule = AnomalyDataModule(str(root), "jpegs", image_size=28, resize=32, num_workers=0)
+    segmenter = ClusterSegmenter(ColorFeatures(stride=2), coreset_ratio=1.0, refine_settings=RefineSettings(iterations=1))
+    report = segment_dataset(datamodule, segmenter, tmp_path / "masks", k=2, image_size=32)
+    assert report.computed == 4 and report.classes[0].kept == [next(iter(set(range(2)) - set(report.classes[0].dropped)))]
+    for split, name in [("train", "001"), ("test", "002"), ("test", "003")]:
+        masks = read_component_masks(tmp_path / "masks" / "part" / split / "good" / f"{name}.npz")
+        assert masks.shape == (1, 32, 32) and masks[0, 10:22, 10:22].all() and not masks[0, :4].any()

@@ -108,11 +108,19 @@ def run(cfg: DictConfig) -> float | None:
     segmenter = build_segmenter(s)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    k_per_class = OmegaConf.to_container(s.k_per_class, resolve=True) if s.k_per_class else {}
+    classes = {}
+    for name, (module, _) in folders.items():
+        module.prepare_data()
+        classes[name] = set(module.class_names())
+    unknown = sorted(set(k_per_class) - set().union(*classes.values()))
+    if unknown:
+        raise ValueError(f"segment.k_per_class names unknown class(es) {unknown}; classes: "
+                         f"{sorted(set().union(*classes.values()))}")
     summary, scored = {}, []
     for name, (module, output) in folders.items():
         report = segment_dataset(
-            module, segmenter, output, int(s.k),
-            OmegaConf.to_container(s.k_per_class, resolve=True) if s.k_per_class else None,
+            module, segmenter, output, int(s.k), {c: k for c, k in k_per_class.items() if c in classes[name]},
             int(s.image_size), BackgroundRule(**OmegaConf.to_container(s.background, resolve=True)), list(s.splits),
         )
         truth = truth_of(module)

@@ -10,6 +10,11 @@ Routes:
   per-class prototypes of mean backbone features, so that slots mean the same part in
   every image of a class.
 
+Fixes of the original's masks (SPEC 10): every image gets its own masks, found at training time
+as at test time (B2); test images of every extension are segmented, not only ``*.png`` (B13);
+masks are an argmax over parts stored as packed bits, not Otsu thresholds of JET-coloured JPEGs
+(B8); background parts are decided over all training images of a class, not the first one (B8).
+
 Both share the per-class background rule (:func:`src.segment.parts.select_parts`) and the
 cache (:mod:`src.segment.cache`), driven by :func:`src.segment.runner.segment_dataset`.
 """

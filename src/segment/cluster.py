@@ -69,7 +69,8 @@ class ClusterSegmenter:
         grid = self._features(image)  # (C, h, w)
         c, h, w = grid.shape
         scores = prototypes.scores(grid.flatten(1).T).T.reshape(-1, h, w)  # (k, h, w)
-        scores = F.interpolate(scores[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
-        probabilities = refine(scores, image, self.refine_settings)
-        labels = probabilities.argmax(0)  # (H, W)
+        device = getattr(self.features, "device", "cpu")  # refine where the features were computed
+        scores = F.interpolate(scores[None].to(device), size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
+        probabilities = refine(scores, image.to(device), self.refine_settings)
+        labels = probabilities.argmax(0).cpu()  # (H, W)
         return labels[None] == torch.arange(scores.shape[0])[:, None, None]

@@ -19,12 +19,12 @@ def greedy_coreset(vectors: Tensor, count: int, projection_dim: int = 128, seed:
     if c > projection_dim:
         g = torch.Generator().manual_seed(seed)
         vectors = vectors @ (torch.randn(c, projection_dim, generator=g) / projection_dim**0.5)
-    dist = torch.cdist(vectors, vectors.mean(0, keepdim=True))[:, 0]  # (n,)
+    dist = ((vectors - vectors.mean(0)) ** 2).sum(1)  # (n,) squared distance to the nearest pick so far
     picked = []
     for _ in range(count):
         i = int(dist.argmax())
         picked.append(i)
-        dist = torch.minimum(dist, torch.cdist(vectors, vectors[i : i + 1])[:, 0])
+        dist = torch.minimum(dist, ((vectors - vectors[i]) ** 2).sum(1))
     return torch.tensor(picked)
 
 

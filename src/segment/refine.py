@@ -32,11 +32,18 @@ def _window_sums(x: Tensor, radius: int, dim: int) -> Tensor:
     return padded.narrow(dim, 2 * radius + 1, n) - padded.narrow(dim, 0, n)
 
 
-def box_filter(x: Tensor, radius: int) -> Tensor:
-    """Mean over the (2r+1)^2 window clipped to the image: (..., H, W)."""
-    ones = torch.ones(x.shape[-2:], dtype=x.dtype, device=x.device)
-    count = _window_sums(_window_sums(ones, radius, -1), radius, -2)
+def box_filter(x: Tensor, radius: int, count: Tensor | None = None) -> Tensor:
+    """Mean over the (2r+1)^2 window clipped to the image: (..., H, W). ``count``: the window
+    sizes (``box_count``), when already at hand."""
+    if count is None:
+        count = box_count(x.shape[-2:], radius, x)
     return _window_sums(_window_sums(x, radius, -1), radius, -2) / count
+
+
+def box_count(size: tuple[int, int], radius: int, like: Tensor) -> Tensor:
+    """(H, W) number of pixels in each clipped window."""
+    ones = torch.ones(tuple(size), dtype=like.dtype, device=like.device)
+    return _window_sums(_window_sums(ones, radius, -1), radius, -2)
 
 
 class GuidedFilter:
@@ -45,18 +52,22 @@ class GuidedFilter:
 
     def __init__(self, guide: Tensor, radius: int, eps: float) -> None:
         self.guide, self.radius = guide, radius
-        self.mean_i = box_filter(guide, radius)  # (3, H, W)
-        var_i = box_filter(guide[:, None] * guide[None], radius) - self.mean_i[:, None] * self.mean_i[None]
+        self.count = box_count(guide.shape[-2:], radius, guide)
+        self.mean_i = self._box(guide)  # (3, H, W)
+        var_i = self._box(guide[:, None] * guide[None]) - self.mean_i[:, None] * self.mean_i[None]
         var_i = var_i + eps * torch.eye(3, dtype=guide.dtype, device=guide.device)[:, :, None, None]
         self.inv_var = torch.linalg.inv(var_i.permute(2, 3, 0, 1)).permute(2, 3, 0, 1)  # (3, 3, H, W)
 
+    def _box(self, x: Tensor) -> Tensor:
+        return box_filter(x, self.radius, self.count)
+
     def __call__(self, src: Tensor) -> Tensor:
         """(K, H, W) -> (K, H, W)."""
-        mean_p = box_filter(src, self.radius)  # (K, H, W)
-        cov_ip = box_filter(self.guide[:, None] * src[None], self.radius) - self.mean_i[:, None] * mean_p[None]  # (3, K, H, W)
+        mean_p = self._box(src)  # (K, H, W)
+        cov_ip = self._box(self.guide[:, None] * src[None]) - self.mean_i[:, None] * mean_p[None]  # (3, K, H, W)
         a = torch.einsum("ijhw,jkhw->ikhw", self.inv_var, cov_ip)  # (3, K, H, W)
         b = mean_p - (a * self.mean_i[:, None]).sum(0)  # (K, H, W)
-        return (box_filter(a, self.radius) * self.guide[:, None]).sum(0) + box_filter(b, self.radius)
+        return (self._box(a) * self.guide[:, None]).sum(0) + self._box(b)
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ def segment_class(
         for s, image in zip(train, images):
             train_masks[_relative(s)] = segmenter.segment(prototypes, image)
         kept, dropped = rule.select([m.numpy() for m in train_masks.values()])
-        entries: dict = {}
+        entries = {rel: e for rel, e in (manifest or {}).get("images", {}).items() if rel not in hashes}  # to delete
         cache.save_prototypes(class_dir, prototypes.to_arrays())
     else:
         prototypes = Prototypes.from_arrays(arrays)
@@ -151,7 +151,9 @@ def segment_class(
         entries[rel] = {"sha1": hashes[rel], "masks": files[rel], "count": len(kept)}
         computed += 1
     for rel in sorted(set(entries) - set(hashes)):  # images that left the dataset
-        (class_dir / entries.pop(rel)["masks"]).unlink(missing_ok=True)
+        gone = entries.pop(rel)["masks"]
+        if gone not in files.values():  # not the file of a current image with the same stem
+            (class_dir / gone).unlink(missing_ok=True)
     cache.write_manifest(class_dir, {
         "class": class_name, "route": segmenter.route, "key": key, "params": params,
         "training_images": train_key, "parts": {"k": k, "kept": kept, "dropped": {str(c): w for c, w in dropped.items()}},

@@ -24,6 +24,7 @@ from src.segment.parts import Prototypes, fit_prototypes
 
 log = logging.getLogger(__name__)
 
+PROPOSAL_MEMO_BYTES = 1 << 30  # training images' proposals kept between fitting and segmenting
 SAM_CHECKPOINTS = "https://github.com/facebookresearch/segment-anything#model-checkpoints"
 SAM_PRESETS = {  # segment_anything.build_sam's three sizes
     "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=[2, 5, 8, 11]),
@@ -115,29 +116,34 @@ class SamSegmenter:
         self.min_mask_area = min_mask_area
         self.seed = seed
         self._sam_fingerprint = state_fingerprint(sam)
-        self._memo: dict[str, tuple[np.ndarray, Tensor]] = {}  # image digest -> proposals, their features
+        # Training images' proposals from fit(), used once by segment(): image digest -> packed masks, features
+        self._memo: dict[str, tuple[np.ndarray, tuple[int, ...], Tensor]] = {}
 
     def describe(self) -> dict:
         return {"features": self.features.describe(), "sam": {**self.settings, "min_mask_area": self.min_mask_area,
                                                               "weights_sha1": self._sam_fingerprint}, "seed": self.seed}
 
-    def proposals(self, image: Tensor) -> tuple[np.ndarray, Tensor]:
-        """(n, H, W) bool SAM masks of a (3, H, W) image in [0, 1] and their (n, C) mean features."""
+    def proposals(self, image: Tensor, keep: bool = False) -> tuple[np.ndarray, Tensor]:
+        """(n, H, W) bool SAM masks of a (3, H, W) image in [0, 1] and their (n, C) mean features.
+        ``keep``: remember them (within a memory budget) for the next call with this image."""
         pixels = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()  # (H, W, 3) uint8
         key = hashlib.sha1(pixels.tobytes()).hexdigest()
         if key in self._memo:
-            return self._memo[key]
+            packed, shape, vectors = self._memo.pop(key)
+            return np.unpackbits(packed, count=int(np.prod(shape))).reshape(shape).astype(bool), vectors
         h, w = pixels.shape[:2]
         found = [m["segmentation"] for m in self.generator.generate(pixels) if m["area"] >= self.min_mask_area * h * w]
         masks = np.stack(found) if found else np.zeros((0, h, w), bool)
         grid = self.features(image)  # (C, gh, gw)
         weights = F.adaptive_avg_pool2d(torch.from_numpy(masks).float()[None], grid.shape[-2:])[0]  # (n, gh, gw)
         vectors = torch.einsum("nhw,chw->nc", weights, grid) / weights.sum((1, 2)).clamp_min(1e-8)[:, None]
-        self._memo = {key: (masks, vectors)} if len(self._memo) > 4096 else {**self._memo, key: (masks, vectors)}
+        if keep and sum(m[0].nbytes for m in self._memo.values()) < PROPOSAL_MEMO_BYTES:
+            self._memo[key] = (np.packbits(masks), masks.shape, vectors)
         return masks, vectors
 
     def fit(self, images: list[Tensor], k: int) -> Prototypes:
-        vectors = [self.proposals(image)[1] for image in images]
+        self._memo = {}
+        vectors = [self.proposals(image, keep=True)[1] for image in images]
         total = sum(len(v) for v in vectors)
         if total < k:
             raise ValueError(f"SAM proposed {total} masks on {len(images)} training images, fewer than k={k} parts: "
