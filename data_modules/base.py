@@ -271,6 +271,33 @@ def collate_samples(items: list[dict]) -> dict:
     return batch
 
 
+def make_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, sampler=None) -> DataLoader:
+    """A loader over ``dataset``: shuffled (or drawn by ``sampler``) in training, in order otherwise.
+
+    The training loader is stateful: checkpoints store its position in the epoch (sampler state,
+    batches served), so a resumed run continues with the same images in the same order.
+    """
+    loader_class = StatefulDataLoader if train else DataLoader
+    return loader_class(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        drop_last=train and len(dataset) >= batch_size,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=collate_samples,
+    )
+
+
+def evenly_spaced(samples: Sequence[Sample], count: int | None) -> list[Sample]:
+    """Up to ``count`` samples evenly spaced over ``samples`` (``None``: all)."""
+    if count is None or len(samples) <= count:
+        return list(samples)
+    return [samples[i] for i in np.linspace(0, len(samples) - 1, count).round().astype(int)]
+
+
 class AnomalyDataModule(LightningDataModule):
     """Base datamodule: a family lists samples; this class builds datasets and loaders.
 
@@ -381,19 +408,7 @@ class AnomalyDataModule(LightningDataModule):
             log.info("%s: %d test images, %d held out for validation", self.name, len(test), len(val))
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        # The training loader is stateful: checkpoints store its position in the epoch (sampler
-        # state, batches served), so a resumed run continues with the same images in the same order.
-        loader_class = StatefulDataLoader if train else DataLoader
-        return loader_class(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) >= batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=collate_samples,
-        )
+        return make_loader(dataset, batch_size, train, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup('fit') first"
@@ -417,11 +432,7 @@ class AnomalyDataModule(LightningDataModule):
         spaced over the sorted list (``None``: all)."""
         samples = []
         for class_name in self.class_names():
-            listed = self.list_samples(class_name, "train")
-            if images_per_class is not None and len(listed) > images_per_class:
-                picks = np.linspace(0, len(listed) - 1, images_per_class).round().astype(int)
-                listed = [listed[i] for i in picks]
-            samples += listed
+            samples += evenly_spaced(self.list_samples(class_name, "train"), images_per_class)
         dataset = AnomalyDataset(samples, self.transforms, self.test_class_keys, self.eval_jitter, self.component_root)
         log.info("%s: %d normal training images for calibration", self.name, len(samples))
         return self._loader(dataset, self.test_batch_size, train=False)

@@ -24,9 +24,8 @@ import torch
 from hydra.utils import get_class
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
-from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_modules.base import AnomalyDataModule, AnomalyDataset, DataError, Sample, collate_samples
+from data_modules.base import AnomalyDataModule, AnomalyDataset, DataError, Sample, evenly_spaced, make_loader
 
 log = logging.getLogger(__name__)
 
@@ -250,20 +249,8 @@ class MultiSourceDataModule(LightningDataModule):
         return BalancedSampler(weights / weights.sum(), len(datasets))
 
     def _loader(self, dataset: AnomalyDataset, batch_size: int, train: bool) -> DataLoader:
-        # The training loader is stateful (exact resume); both samplers keep their state in it.
-        sampler = self.train_sampler() if train else None
-        loader_class = StatefulDataLoader if train else DataLoader
-        return loader_class(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            drop_last=train and len(dataset) >= batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=collate_samples,
-        )
+        # Both training samplers (shuffle, balanced) keep their state in the stateful loader.
+        return make_loader(dataset, batch_size, train, self.num_workers, self.train_sampler() if train else None)
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup('fit') first"
@@ -288,11 +275,7 @@ class MultiSourceDataModule(LightningDataModule):
         samples = []
         for module in self.modules.values():
             for class_name in module.class_names():
-                listed = module.list_samples(class_name, "train")
-                if images_per_class is not None and len(listed) > images_per_class:
-                    picks = np.linspace(0, len(listed) - 1, images_per_class).round().astype(int)
-                    listed = [listed[i] for i in picks]
-                samples += listed
+                samples += evenly_spaced(module.list_samples(class_name, "train"), images_per_class)
         eval_jitter = next(iter(self.modules.values())).eval_jitter
         log.info("%s: %d normal training images for calibration", self.name, len(samples))
         return self._loader(self._dataset(samples, eval_jitter), self.test_batch_size, train=False)
