@@ -100,6 +100,11 @@ def test_training_refuses_to_start_without_component_masks(tmp_path):
 
     base = ["dataset=mvtec_ad", f"paths.data_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}"]
     cfg = compose_cfg(base)
+    with pytest.raises(DataError, match=r"dataset 'mvtec_ad' not found.*Download"):  # no data: said first
+        run(cfg)
+    from tests.test_datasets import fake_mvtec_ad
+
+    fake_mvtec_ad(tmp_path / "mvtec_ad")
     assert cfg.dataset.sources.mvtec_ad.component_masks == str(tmp_path / "components" / "mvtec_ad")  # the segment cache
     with pytest.raises(DataError, match=r"does not exist.*mode=segment dataset=mvtec_ad.*num_component_experts=0"):
         run(cfg)

@@ -41,9 +41,12 @@ def run(cfg: DictConfig) -> float | None:
     Returns ``cfg.optimized_metric`` when set (e.g. ``val/image_auroc`` for sweeps), otherwise
     the mean test image AUROC.
     """
-    if rank_zero_only.rank == 0 and cfg.model.get("num_component_experts", 0):
-        hydra.utils.instantiate(cfg.dataset).prepare_data()  # the demo generator writes its true part masks
-    require_component_masks(cfg)  # before building the model: fail fast
+    if cfg.model.get("num_component_experts", 0):  # before building the model: fail fast
+        data = hydra.utils.instantiate(cfg.dataset)
+        if rank_zero_only.rank == 0:
+            data.prepare_data()  # the demo generator also writes its true part masks
+        data.class_names()  # a missing dataset is reported before its missing masks
+        require_component_masks(cfg)
     resume = resolve_resume_path(cfg)
     with open_dict(cfg):
         cfg.ckpt_path = resume  # no file: build the model with its backbone weights as usual
