@@ -25,7 +25,7 @@ import torchvision.transforms as T
 from lightning import LightningDataModule
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -298,7 +298,41 @@ def evenly_spaced(samples: Sequence[Sample], count: int | None) -> list[Sample]:
     return [samples[i] for i in np.linspace(0, len(samples) - 1, count).round().astype(int)]
 
 
-class AnomalyDataModule(LightningDataModule):
+class SampleLoaders(LightningDataModule):
+    """The loaders of a datamodule that has built ``train_set``, ``val_set`` and ``test_set`` in
+    ``setup`` and has ``name``, ``batch_size``, ``test_batch_size`` and ``num_workers``."""
+
+    train_set: AnomalyDataset | None
+    val_set: AnomalyDataset | None
+    test_set: AnomalyDataset | None
+
+    def train_sampler(self) -> Sampler | None:
+        """How training samples are drawn; None: a seeded shuffle."""
+        return None
+
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        # Every training sampler keeps its state in the stateful training loader.
+        return make_loader(dataset, batch_size, train, self.num_workers, self.train_sampler() if train else None)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup('fit') first"
+        return self._loader(self.train_set, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            raise DataError(
+                f"dataset '{self.name}' has no validation set: set dataset.val_fraction (e.g. 0.3) to hold out "
+                "part of each class's test images, dataset.validation_split=true to use a dataset's own "
+                "validation split, or trainer.limit_val_batches=0"
+            )
+        return self._loader(self.val_set, self.test_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        assert self.test_set is not None, "call setup('test') first"
+        return self._loader(self.test_set, self.test_batch_size, train=False)
+
+
+class AnomalyDataModule(SampleLoaders):
     """Base datamodule: a family lists samples; this class builds datasets and loaders.
 
     Args:
@@ -406,25 +440,6 @@ class AnomalyDataModule(LightningDataModule):
             if val:
                 self.val_set = AnomalyDataset(val, self.transforms, keys, self.eval_jitter, self.component_root)
             log.info("%s: %d test images, %d held out for validation", self.name, len(test), len(val))
-
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        return make_loader(dataset, batch_size, train, self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.train_set is not None, "call setup('fit') first"
-        return self._loader(self.train_set, self.batch_size, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        if self.val_set is None:
-            raise DataError(
-                f"dataset '{self.name}' has no validation set: set dataset.val_fraction (e.g. 0.3) to hold out "
-                "part of each class's test images, or trainer.limit_val_batches=0"
-            )
-        return self._loader(self.val_set, self.test_batch_size, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        assert self.test_set is not None, "call setup('test') first"
-        return self._loader(self.test_set, self.test_batch_size, train=False)
 
     def normal_dataloader(self, images_per_class: int | None = None) -> DataLoader:
         """Normal training images with the test-time pipeline: statistics of normal data

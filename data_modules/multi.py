@@ -22,15 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.utils import get_class
-from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 
-from data_modules.base import AnomalyDataModule, AnomalyDataset, DataError, Sample, evenly_spaced, make_loader
+from data_modules.base import AnomalyDataModule, AnomalyDataset, DataError, Sample, SampleLoaders, evenly_spaced
 
 log = logging.getLogger(__name__)
 
 INHERIT = "default"  # top-level component_masks: each source's own setting
-SOURCE_ONLY = ("root", "classes", "source")
 
 
 class BalancedSampler(Sampler[int]):
@@ -85,7 +83,7 @@ class _BalancedIterator(Iterator[int]):
         self.sampler.epoch = self.epoch + 1
 
 
-class MultiSourceDataModule(LightningDataModule):
+class MultiSourceDataModule(SampleLoaders):
     """Several datasets as one: the union of their classes, keyed ``<dataset>/<class>``.
 
     Args:
@@ -159,6 +157,7 @@ class MultiSourceDataModule(LightningDataModule):
             self.modules[key] = get_class(target)(name=key, **settings, **shared)
         self.balance, self.skip_bad = balance, skip_bad
         self.batch_size, self.test_batch_size, self.num_workers = batch_size, test_batch_size, num_workers
+        self.eval_jitter = eval_jitter
         first = next(iter(self.modules.values()))
         self.transforms = first.transforms
         self.val_fraction = val_fraction
@@ -232,10 +231,9 @@ class MultiSourceDataModule(LightningDataModule):
             for module in self.modules.values():
                 v, t = module.split_samples()
                 val, test = val + v, test + t
-            eval_jitter = next(iter(self.modules.values())).eval_jitter
-            self.test_set = self._dataset(test, eval_jitter)
+            self.test_set = self._dataset(test, self.eval_jitter)
             if val:
-                self.val_set = self._dataset(val, eval_jitter)
+                self.val_set = self._dataset(val, self.eval_jitter)
             log.info("%s: %d test images, %d for validation", self.name, len(test), len(val))
 
     def train_sampler(self) -> Sampler | None:
@@ -248,27 +246,6 @@ class MultiSourceDataModule(LightningDataModule):
         weights = np.array([1.0 / sizes[d] for d in datasets])
         return BalancedSampler(weights / weights.sum(), len(datasets))
 
-    def _loader(self, dataset: AnomalyDataset, batch_size: int, train: bool) -> DataLoader:
-        # Both training samplers (shuffle, balanced) keep their state in the stateful loader.
-        return make_loader(dataset, batch_size, train, self.num_workers, self.train_sampler() if train else None)
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.train_set is not None, "call setup('fit') first"
-        return self._loader(self.train_set, self.batch_size, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        if self.val_set is None:
-            raise DataError(
-                f"dataset '{self.name}' has no validation set: set dataset.val_fraction (e.g. 0.3) to hold out "
-                "part of each class's test images, dataset.validation_split=true to use a dataset's own "
-                "validation split, or trainer.limit_val_batches=0"
-            )
-        return self._loader(self.val_set, self.test_batch_size, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        assert self.test_set is not None, "call setup('test') first"
-        return self._loader(self.test_set, self.test_batch_size, train=False)
-
     def normal_dataloader(self, images_per_class: int | None = None) -> DataLoader:
         """Normal training images of every class with the test-time pipeline (calibration); up
         to ``images_per_class`` per class, evenly spaced."""
@@ -276,6 +253,5 @@ class MultiSourceDataModule(LightningDataModule):
         for module in self.modules.values():
             for class_name in module.class_names():
                 samples += evenly_spaced(module.list_samples(class_name, "train"), images_per_class)
-        eval_jitter = next(iter(self.modules.values())).eval_jitter
         log.info("%s: %d normal training images for calibration", self.name, len(samples))
-        return self._loader(self._dataset(samples, eval_jitter), self.test_batch_size, train=False)
+        return self._loader(self._dataset(samples, self.eval_jitter), self.test_batch_size, train=False)

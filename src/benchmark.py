@@ -199,6 +199,16 @@ class BenchmarkSettings:
     inference_steps: bool = True  # time each change from the original to ours at the largest batch
 
 
+def inference_call(net: AnomalyMoE, batch: dict, autocast: Callable) -> Callable[[], object]:
+    """A no-argument call running ``net`` on ``batch`` without gradients (what gets timed)."""
+
+    def infer():
+        with torch.no_grad(), autocast():
+            return net(batch["image"], batch["image_ae"], batch["masks"], batch["num_masks"])
+
+    return infer
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -231,9 +241,7 @@ def run_benchmark(build_net: Callable[..., AnomalyMoE], settings: BenchmarkSetti
         for structure, net in nets.items():
             net.eval()
 
-            def infer(net=net):
-                with torch.no_grad(), autocast():
-                    return net(batch["image"], batch["image_ae"], batch["masks"], batch["num_masks"])
+            infer = inference_call(net, batch, autocast)
 
             seconds = time_it(infer, device, settings.warmup, settings.iterations)
             with peak_memory(device) as mem:
@@ -254,9 +262,7 @@ def run_benchmark(build_net: Callable[..., AnomalyMoE], settings: BenchmarkSetti
             net = build_net(**overrides, **extras).to(device).eval()
             net.load_state_dict(nets["ours"].state_dict())
 
-            def infer(net=net):
-                with torch.no_grad(), autocast():
-                    return net(batch["image"], batch["image_ae"], batch["masks"], batch["num_masks"])
+            infer = inference_call(net, batch, autocast)
 
             seconds = time_it(infer, device, settings.warmup, settings.iterations)
             with peak_memory(device) as mem:
@@ -284,9 +290,7 @@ def run_benchmark(build_net: Callable[..., AnomalyMoE], settings: BenchmarkSetti
             net = build_net(**STRUCTURES[structure], **extras, num_patch_experts=n, num_global_experts=n,
                             num_component_experts=n).to(device).eval()
 
-            def infer(net=net):
-                with torch.no_grad(), autocast():
-                    return net(batch["image"], batch["image_ae"], batch["masks"], batch["num_masks"])
+            infer = inference_call(net, batch, autocast)
 
             scaling[(structure, n)] = time_it(infer, device, 1, max(1, settings.iterations // 2))
             log.info("scaling   %-8s %2d experts/group: %.4f s/batch", structure, n, scaling[(structure, n)])

@@ -97,11 +97,11 @@ def run(cfg: DictConfig) -> float | None:
     s = cfg.segment
     datamodule = hydra.utils.instantiate(cfg.dataset)
     folders = output_folders(cfg, datamodule)
-    def truth_of(module) -> Path | None:  # a relative segment.truth is inside each dataset's root
-        return None if not s.get("truth") else module.root / Path(s.truth).expanduser()
-
-    for name, (module, output) in folders.items():
-        truth = truth_of(module)
+    # A relative segment.truth is inside each dataset's root.
+    truths = {name: module.root / Path(s.truth).expanduser() if s.get("truth") else None
+              for name, (module, _) in folders.items()}
+    for name, (_, output) in folders.items():
+        truth = truths[name]
         if truth is not None and output.resolve() == truth.resolve():
             raise DataError(f"segment output {output} is the folder of true masks (segment.truth): set segment.output "
                             "to another folder")
@@ -123,7 +123,7 @@ def run(cfg: DictConfig) -> float | None:
             module, segmenter, output, int(s.k), {c: k for c, k in k_per_class.items() if c in classes[name]},
             int(s.image_size), BackgroundRule(**OmegaConf.to_container(s.background, resolve=True)), list(s.splits),
         )
-        truth = truth_of(module)
+        truth = truths[name]
         ious = part_iou(output, truth, module, list(s.splits)) if truth is not None and truth.is_dir() else None
         print("\n" + format_report(report, ious) + "\n", flush=True)
         summary[name] = {"output": str(output), "route": s.route,
