@@ -139,16 +139,21 @@ def _slice(prediction, index):
     return replace(prediction, **{f.name: getattr(prediction, f.name)[index] for f in fields(prediction)})
 
 
-def test_eval_mode_training_losses_match(run, fixture):
-    model, _, out = run
+def eval_mode_losses(model: AnomalyMoE, out) -> dict[str, torch.Tensor]:
+    """The training loss terms of ``out`` (``forward_train`` in eval mode), as the fixture has them."""
     weights = LossWeights()
     r_p, r_g, r_k = model._split(out.routing_weights)
-    ours = {
+    return {
         "patch": patch_loss(out.en_maps, out.patch, r_p, weights),
         "global": global_loss(out.global_target, out.global_, r_g, weights),
         "component": component_loss(out.component_features, out.component_image, out.component, r_k, weights),
         "esb": esb_loss(out.logits, out.expert_mask, weights.capacity_factor)["total"],
     }
+
+
+def test_eval_mode_training_losses_match(run, fixture):
+    model, _, out = run
+    ours = eval_mode_losses(model, out)
     ours["recon"] = ours["patch"] + ours["global"] + ours["component"]
     for name, value in ours.items():
         expected = fixture["losses_train_fuse_eval_mode"][name]
