@@ -261,14 +261,16 @@ class AnomalyMoE(nn.Module):
         """Gate logits (B, E) and the top-k routing weights and mask."""
         logits = self.gating_network(cls)
         p, g, k = self.num_experts
-        selectable = logits
-        if self.exclude_components_without_masks and k and p + g >= self.top_k:
-            no_masks = torch.ones_like(logits[:, 0], dtype=torch.bool) if num_masks is None else num_masks == 0
-            blocked = torch.zeros_like(logits, dtype=torch.bool)
-            blocked[:, p + g :] = no_masks[:, None]
-            selectable = logits.masked_fill(blocked, float("-inf"))
-        weights, mask = top_k_routing(selectable, self.top_k)
-        return logits, weights, mask
+        if not (self.exclude_components_without_masks and k and p + g):
+            weights, mask = top_k_routing(logits, self.top_k)
+            return logits, weights, mask
+        # An image without component masks may only pick patch and global experts: with top_k
+        # above their number it gets fewer experts, its weights renormalised over them.
+        no_masks = torch.ones_like(logits[:, 0], dtype=torch.bool) if num_masks is None else num_masks == 0
+        blocked = torch.zeros_like(logits, dtype=torch.bool)
+        blocked[:, p + g :] = no_masks[:, None]
+        weights, mask = top_k_routing(logits.masked_fill(blocked, float("-inf")), self.top_k)  # softmax: 0 on -inf
+        return logits, weights, mask & ~blocked
 
     def _patch_runs(self, taps: list[Tensor], groups: list[list[int]], mask: Tensor, grid) -> list[PatchRun | None]:
         prefix = self.encoder.num_prefix_tokens
