@@ -50,7 +50,7 @@ class Sample:
     defect_type: str  # "good" or the defect folder name
     dataset: str
     class_name: str
-    mask_path: Path | None = None  # ground truth of an anomalous test image
+    mask_path: Path | None = None  # ground truth of an anomalous test image (None: image label only)
 
     @property
     def class_key(self) -> str:
@@ -62,7 +62,8 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def list_mvtec_samples(root: Path, dataset: str, class_name: str, split: str) -> list[Sample]:
-    """Samples of one class in the MVTec AD layout; a defect image without its mask is an error.
+    """Samples of one class in the MVTec AD layout (a defect image's mask path is where its mask
+    belongs; :func:`data_modules.validate.validate_samples` reports it when absent).
 
     ``split``: ``train`` (``train/good``), ``test`` (``test/<type>``, masks in ``ground_truth``)
     or ``validation`` (``validation/<type>``, masks in ``ground_truth_validation``).
@@ -89,29 +90,59 @@ def list_mvtec_samples(root: Path, dataset: str, class_name: str, split: str) ->
             if defect == "good":
                 samples.append(Sample(image, 0, split, defect, dataset, class_name))
                 continue
-            mask = gt_dir / defect / f"{image.stem}_mask.png"
-            if not mask.is_file():
-                raise DataError(
-                    f"mask for {image.relative_to(root)} not found: expected {mask.relative_to(root)}"
-                )
-            samples.append(Sample(image, 1, split, defect, dataset, class_name, mask))
+            # A missing mask is reported with every other problem by data_modules.validate.
+            samples.append(Sample(image, 1, split, defect, dataset, class_name, gt_dir / defect / f"{image.stem}_mask.png"))
     if not samples:
         raise DataError(f"{split_dir} holds no {split} images")
     return samples
 
 
+# Pixels above which an image is refused (``dataset.max_image_pixels``; Pillow's own default).
+MAX_IMAGE_PIXELS = 89_478_485
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """Refuse images above ``limit`` pixels (None: Pillow's default) with a :class:`DataError`."""
+    global MAX_IMAGE_PIXELS
+    MAX_IMAGE_PIXELS = int(limit) if limit else 89_478_485
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow warns above it and stops at twice it
+
+
+def check_image_header(img: Image.Image, path: Path) -> None:
+    """What the header tells: a size within the limit and a pixel format the loader handles."""
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        raise DataError(f"image {path} is {img.width}x{img.height} ({img.width * img.height / 1e6:.0f} MP), above "
+                        f"dataset.max_image_pixels={MAX_IMAGE_PIXELS}: downscale it, or raise the limit "
+                        "(dataset.max_image_pixels=<pixels>) if it is meant to be that large")
+    if img.mode == "F":
+        raise DataError(f"image {path} holds 32-bit floats (mode F), whose value range is not defined: save it as an "
+                        "8-bit or 16-bit image (e.g. values in [0, 1] times 65535 as a 16-bit PNG)")
+
+
 def open_image(path: Path, mode: str = "RGB") -> Image.Image:
-    """Open an image, converting grayscale / 16-bit / RGBA inputs to ``mode``."""
+    """Open an image as ``mode``.
+
+    Grayscale, palette and RGBA images are converted. 16-bit images (and 32-bit integer images
+    holding 16-bit values) are scaled by the fixed factor 255 / 65535, never by each image's own
+    range, so that a brighter or darker image stays brighter or darker. Float images and images
+    above :data:`MAX_IMAGE_PIXELS` are refused with a :class:`DataError` naming the file.
+    """
     try:
         with Image.open(path) as img:
+            check_image_header(img, path)
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I") and mode in ("RGB", "L"):
-                array = np.asarray(img, dtype=np.float64)
-                span = array.max() - array.min()
-                array = (array - array.min()) / span * 255 if span > 0 else np.zeros_like(array)
-                img = Image.fromarray(array.astype(np.uint8))
+            if img.mode in SIXTEEN_BIT_MODES and mode in ("RGB", "L"):
+                array = np.asarray(img, dtype=np.int64)
+                if array.min() < 0 or array.max() > 65535:
+                    raise DataError(f"image {path} holds 32-bit values outside 0..65535 ({array.min()}..{array.max()}): "
+                                    "save it as an 8-bit or 16-bit image")
+                img = Image.fromarray(np.round(array * (255 / 65535)).astype(np.uint8))
             return img.convert(mode)
-    except (UnidentifiedImageError, OSError) as err:
+    except Image.DecompressionBombError as err:
+        raise DataError(f"image {path} is too large for Pillow ({err}): downscale it, or raise "
+                        "dataset.max_image_pixels") from err
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DataError(f"cannot read image {path}: {err}. Replace or remove the file.") from err
 
 
@@ -216,6 +247,9 @@ class AnomalyDataset(Dataset):
             "defect_type": sample.defect_type,
         }
         if sample.split != "train":
+            # An anomalous image without a mask (a dataset with image labels only) counts for the
+            # image metrics and is left out of the pixel metrics.
+            item["has_gt"] = sample.label == 0 or sample.mask_path is not None
             if sample.mask_path is None:
                 item["gt_mask"] = torch.zeros(1, *image.shape[-2:])
             else:
@@ -335,6 +369,8 @@ class SampleLoaders(LightningDataModule):
 class AnomalyDataModule(SampleLoaders):
     """Base datamodule: a family lists samples; this class builds datasets and loaders.
 
+    A family whose ``reads_source`` is true reads ``dataset.source`` in place (no ``mode=prepare``).
+
     Args:
         root: the dataset in MVTec AD layout.
         name: dataset name used in reports (``<name>/<class>``).
@@ -353,6 +389,8 @@ class AnomalyDataModule(SampleLoaders):
             (``<class>/validation``, e.g. MVTec LOCO, MVTec 3D-AD, BMAD) when ``val_fraction`` is 0;
             classes without one contribute nothing.
     """
+
+    reads_source = False
 
     def __init__(
         self,
@@ -379,6 +417,7 @@ class AnomalyDataModule(SampleLoaders):
         self.transforms = AnomalyTransforms(resize, image_size, jitter, gt_resize)
         self.batch_size, self.test_batch_size, self.num_workers = batch_size, test_batch_size, num_workers
         self.component_root = Path(component_masks).expanduser() if component_masks else None
+        self.component_folder = self.component_root  # where mode=segment writes them
         self.eval_jitter = eval_jitter
         self.download_hint = download_hint
         if not 0.0 <= val_fraction < 1.0:
@@ -427,8 +466,22 @@ class AnomalyDataModule(SampleLoaders):
         return [f"{self.name}/{c}" for c in self.class_names()]
 
     # ------------------------------------------------------------------ datasets
+    def check_samples(self, stage: str | None) -> None:
+        """Check every image and mask the stage reads (``fit``: training, validation and test
+        splits, so nothing is found after training) once; all problems in one error."""
+        if getattr(self, "_checked", False):
+            return
+        from data_modules.validate import raise_problems, validate_samples
+
+        val, test = self.split_samples()
+        samples = (self.samples("train") if stage in (None, "fit") else []) + val + test
+        raise_problems(validate_samples(samples, {self.name: self.component_root}), f"dataset '{self.name}'",
+                       {self.name: self.root})
+        self._checked = stage in (None, "fit")
+
     def setup(self, stage: str | None = None) -> None:
         keys = self.test_class_keys
+        self.check_samples(stage)
         if stage in (None, "fit") and self.train_set is None:
             samples = self.samples("train")
             self.train_set = AnomalyDataset(samples, self.transforms, keys, True, self.component_root)

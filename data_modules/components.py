@@ -8,6 +8,7 @@ resizes and crops them like the image.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,9 +32,16 @@ def save_component_masks(path: Path, masks: np.ndarray) -> None:
 
 def read_component_masks(path: Path) -> np.ndarray:
     """(K, H, W) boolean masks from a file written by :func:`save_component_masks`."""
-    with np.load(path) as data:
-        shape = tuple(int(s) for s in data["shape"])
-        return np.unpackbits(data["masks"], axis=-1, count=shape[-1]).astype(bool).reshape(shape)
+    from data_modules.base import DataError
+
+    try:
+        with np.load(path) as data:
+            shape = tuple(int(s) for s in data["shape"])
+            return np.unpackbits(data["masks"], axis=-1, count=shape[-1]).astype(bool).reshape(shape)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"component mask file {path} is unreadable ({type(err).__name__}: {err}): delete it and "
+                        "compute it again with `python run.py mode=segment dataset=<name>` (a re-run recomputes "
+                        "missing files)") from err
 
 
 def load_component_masks(root: Path, sample: Sample, image_size: tuple[int, int]) -> np.ndarray:

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 DEMO_VERSION = 1
 MARKER = ".demo_dataset.json"
 MARGIN = 32  # anomalies stay inside the centre crop (pixels of a 192 px image)
+TRUE_MASKS = "components_true"  # the true part masks, inside the root
 REFERENCE_SIZE = 192  # geometry is written for this size and scaled to the generated one
 
 
@@ -191,7 +192,7 @@ def generate_demo_dataset(
                 _save(root / class_name / split / kind / f"{stem}.png", img)
                 if gt is not None:
                     _save(root / class_name / "ground_truth" / kind / f"{stem}_mask.png", gt.astype(np.float32))
-                save_component_masks(component_path(root / "components_true", class_name, split, kind, stem), parts)
+                save_component_masks(component_path(root / TRUE_MASKS, class_name, split, kind, stem), parts)
     marker.write_text(json.dumps(params))
     return True
 
@@ -207,10 +208,16 @@ class DemoDataModule(AnomalyDataModule):
         num_train: int = 60,
         num_test_good: int = 16,
         num_test_defect: int = 6,
+        segment_output: str | None = None,
         **kwargs,
     ) -> None:
         kwargs.setdefault("name", "demo")
         super().__init__(root=root, **kwargs)
+        # Training reads the generator's true part masks; mode=segment writes its own next to them
+        # (dataset.component_masks=<segment_output> trains on those).
+        if segment_output and self.component_root is not None and self.component_root.resolve() == (
+                self.root / TRUE_MASKS).resolve():
+            self.component_folder = Path(segment_output).expanduser()
         self.generate_args = dict(seed=seed, size=generate_size, num_train=num_train,
                                   num_test_good=num_test_good, num_test_defect=num_test_defect)
 

@@ -1,6 +1,7 @@
 """One datamodule per dataset family. After ``mode=prepare`` every family is in the MVTec AD
 layout, so loading is the base class's; a family adds its converter (see
-:mod:`data_modules.prepare`) and how to get the data.
+:mod:`data_modules.prepare`) and how to get the data. A user's own folder of images is read in
+place (:mod:`data_modules.folder`).
 """
 
 from __future__ import annotations
@@ -74,23 +75,3 @@ class BmadDataModule(AnomalyDataModule):
 
     def convert(self, source: Path, writer: Writer) -> None:
         others.convert_bmad(source, writer, self.subset)
-
-
-class FolderDataModule(AnomalyDataModule):
-    """A user's own images: ``<source>/<normal_dir>``, optionally ``<abnormal_dir>`` and ``<mask_dir>``.
-
-    Args:
-        class_name: the class the images become.
-        normal_test_every: every n-th normal image (evenly spaced) is a test image (0: none).
-    """
-
-    format = "folder"
-
-    def __init__(self, class_name: str = "images", normal_dir: str = "good", abnormal_dir: str | None = None,
-                 mask_dir: str | None = None, normal_test_every: int = 5, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.folder_args = dict(class_name=class_name, normal_dir=normal_dir, abnormal_dir=abnormal_dir,
-                                mask_dir=mask_dir, normal_test_every=normal_test_every)
-
-    def convert(self, source: Path, writer: Writer) -> None:
-        others.convert_folder(source, writer, **self.folder_args)

@@ -15,6 +15,7 @@ per class and per dataset.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -152,15 +153,16 @@ class MultiSourceDataModule(SampleLoaders):
             settings = {**dict(settings), **overrides}
             if component_masks is None:  # null: no component masks for any dataset
                 settings["component_masks"] = None
-            target = settings.pop("_target_", "data_modules.families.MVTecADDataModule")
-            self.download_dirs[key] = settings.pop("source", None)
-            self.modules[key] = get_class(target)(name=key, **settings, **shared)
+            family = get_class(settings.pop("_target_", "data_modules.families.MVTecADDataModule"))
+            self.download_dirs[key] = settings.get("source") if family.reads_source else settings.pop("source", None)
+            self.modules[key] = family(name=key, **settings, **shared)
         self.balance, self.skip_bad = balance, skip_bad
         self.batch_size, self.test_batch_size, self.num_workers = batch_size, test_batch_size, num_workers
         self.eval_jitter = eval_jitter
         first = next(iter(self.modules.values()))
         self.transforms = first.transforms
         self.val_fraction = val_fraction
+        self._checked = False
         self.train_set: AnomalyDataset | None = None
         self.val_set: AnomalyDataset | None = None
         self.test_set: AnomalyDataset | None = None
@@ -210,6 +212,33 @@ class MultiSourceDataModule(SampleLoaders):
             raise DataError(f"class keys {duplicates} appear twice: give each dataset source its own name")
         return keys
 
+    def require_component_masks(self, num_component_experts: int) -> None:
+        """Training with component experts needs each dataset's component masks (``mode=segment``).
+
+        Without them the component experts would get no gradient and stay at their initial
+        weights (the original's released training loader never found its masks, SPEC 10 B2), so
+        a missing folder is an error naming the fixes. A family whose images may have no parts
+        (``components_optional``, a user's own folder) is trained without: its images are routed
+        to patch and global experts only, which is logged.
+        """
+        if not num_component_experts:
+            return
+        for name, module in self.modules.items():
+            key = "dataset.component_masks" if len(self.modules) == 1 else f"dataset.sources.{name}.component_masks"
+            folder = module.component_root  # where training reads them
+            if getattr(module, "components_optional", False):
+                if folder is None:
+                    log.warning("%s: no component masks%s: its images are routed to patch and global experts only "
+                                "(compute masks with `python run.py mode=segment dataset=%s` to use the component "
+                                "experts)", name, f" in {module.component_folder}" if module.component_folder else "", name)
+                continue
+            fixes = (f"compute them with `python run.py mode=segment dataset={name}`, point {key} at a folder of "
+                     "masks, or train without component experts with model.num_component_experts=0")
+            if folder is None:
+                raise DataError(f"model.num_component_experts={num_component_experts} but {key} is null: {fixes}")
+            if not folder.is_dir():
+                raise DataError(f"component masks folder {key}={folder} does not exist: {fixes}")
+
     # ------------------------------------------------------------------ datasets
     def prepare_data(self) -> None:
         for module in self.modules.values():
@@ -218,7 +247,26 @@ class MultiSourceDataModule(SampleLoaders):
     def _dataset(self, samples: list[Sample], jitter_ae: bool) -> AnomalyDataset:
         return AnomalyDataset(samples, self.transforms, self.test_class_keys, jitter_ae, self.component_root)
 
+    def check_samples(self, stage: str | None) -> None:
+        """Check every image and mask the stage reads (``fit``: training, validation and test
+        splits of every dataset, so nothing is found after training) once; all problems of all
+        datasets in one error."""
+        if self._checked:
+            return
+        from data_modules.validate import raise_problems, validate_samples
+
+        samples = []
+        for module in self.modules.values():
+            val, test = module.split_samples()
+            samples += (module.samples("train") if stage in (None, "fit") else []) + val + test
+        start = time.perf_counter()
+        problems = validate_samples(samples, {name: m.component_root for name, m in self.modules.items()})
+        log.info("%s: checked %d images and their masks in %.1f s", self.name, len(samples), time.perf_counter() - start)
+        raise_problems(problems, f"dataset '{self.name}'", {name: m.root for name, m in self.modules.items()})
+        self._checked = stage in (None, "fit")
+
     def setup(self, stage: str | None = None) -> None:
+        self.check_samples(stage)
         if stage in (None, "fit") and self.train_set is None:
             samples = [s for m in self.modules.values() for s in m.samples("train")]
             self.train_set = self._dataset(samples, True)

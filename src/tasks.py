@@ -63,34 +63,12 @@ def build_components(cfg: DictConfig) -> tuple[LightningDataModule, AnomalyMoEMo
     return datamodule, module, trainer
 
 
-def component_mask_folders(cfg: DictConfig) -> dict[str, str | None]:
-    """Where each dataset of ``cfg.dataset`` reads its component masks (None: nowhere)."""
-    top = cfg.dataset.get("component_masks", "default")
-    if "sources" not in cfg.dataset:
-        return {cfg.dataset.get("name", "dataset"): top}
-    return {
-        name: (source.get("component_masks") if top == "default" else top)
-        for name, source in cfg.dataset.sources.items()
-    }
-
-
-def require_component_masks(cfg: DictConfig) -> None:
-    """Training with component experts needs the datasets' component masks (``mode=segment``).
-
-    Without them the component experts would get no gradient and stay at their initial weights
-    (the original's released training loader never found its masks, SPEC 10 B2).
-    """
+def require_component_masks(cfg: DictConfig, datamodule: LightningDataModule | None = None) -> None:
+    """Training with component experts needs the datasets' component masks (the data side's
+    policy: :meth:`data_modules.multi.MultiSourceDataModule.require_component_masks`)."""
     experts = cfg.model.get("num_component_experts", 0)
-    if not experts:
-        return
-    for name, masks in component_mask_folders(cfg).items():
-        key = "dataset.component_masks" if len(cfg.dataset.get("sources") or [1]) == 1 else f"dataset.sources.{name}.component_masks"
-        fixes = (f"compute them with `python run.py mode=segment dataset={name}`, point {key} at a folder of "
-                 "masks, or train without component experts with model.num_component_experts=0")
-        if not masks:
-            raise DataError(f"model.num_component_experts={experts} but {key} is null: {fixes}")
-        if not Path(masks).expanduser().is_dir():
-            raise DataError(f"component masks folder {key}={masks} does not exist: {fixes}")
+    if experts:
+        (datamodule or hydra.utils.instantiate(cfg.dataset)).require_component_masks(experts)
 
 
 def load_weights(module: AnomalyMoEModule, path: str | Path) -> str:

@@ -85,9 +85,8 @@ def test_corrupt_image_is_named(mvtec_tree):
     bad = mvtec_tree / "bottle" / "train" / "good" / "001.png"
     bad.write_bytes(b"not a png")
     dm = datamodule(mvtec_tree)
-    dm.setup("fit")
-    with pytest.raises(DataError, match="001.png"):
-        dm.train_set[1]
+    with pytest.raises(DataError, match="001.png: not a readable image"):  # before training, not mid-epoch
+        dm.setup("fit")
 
 
 def test_grayscale_and_16_bit_images_become_rgb(tmp_path):
@@ -118,9 +117,8 @@ def test_collate_pads_component_masks():
 
 def test_missing_component_masks_are_an_error(mvtec_tree, tmp_path):
     dm = datamodule(mvtec_tree, component_masks=str(tmp_path / "masks"))
-    dm.setup("fit")
-    with pytest.raises(DataError, match="mode=segment"):
-        dm.train_set[0]
+    with pytest.raises(DataError, match="no component masks.*mode=segment"):
+        dm.setup("fit")
 
 
 def _digest(root):

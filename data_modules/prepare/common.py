@@ -5,9 +5,10 @@ Conversions applied to inputs (each counted in :class:`PrepareSummary.conversion
 * PNG, JPEG and BMP images are hard-linked (copied when linking is not possible) unchanged, so
   a prepared image takes no extra space (and is the same file as the download's);
   grayscale, palette and 16-bit images stay as they are (the loader turns them into 8-bit RGB,
-  16-bit by a per-image min-max stretch).
+  16-bit by the fixed factor 255 / 65535).
 * TIFF images (and any other format Pillow reads) are re-encoded losslessly as PNG; 32-bit
-  integer and float images are min-max stretched to 8 bits first, since PNG cannot hold them.
+  integer images holding 16-bit values become 16-bit PNG; float images are refused (their
+  value range is not defined).
 * Masks are written as 8-bit PNG ``<stem>_mask.png``: 255 where any input mask is non-zero
   (several masks of one image, as in MVTec LOCO, are merged), 0 elsewhere.
 * A mask whose size differs from its image's is resized to the image with nearest-neighbour
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from data_modules.base import IMAGE_EXTENSIONS, DataError
+from data_modules.base import IMAGE_EXTENSIONS, DataError, check_image_header
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +80,20 @@ def _read(path: Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()  # decodes everything: truncated files fail here
             return img.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {path}: {err}") from err
 
 
-def _to_png_mode(img: Image.Image) -> Image.Image:
-    """Modes PNG can hold; 32-bit integer and float images are stretched to 8 bits."""
-    if img.mode in ("I", "F"):
-        array = np.asarray(img, dtype=np.float64)
-        span = array.max() - array.min()
-        array = (array - array.min()) / span * 255 if span > 0 else np.zeros_like(array)
-        return Image.fromarray(array.round().astype(np.uint8))
+def _to_png_mode(img: Image.Image, path: Path) -> Image.Image:
+    """Modes PNG can hold. 32-bit integer images holding 16-bit values become 16-bit; float
+    images, whose value range is not defined, are refused (like the loader does)."""
+    if img.mode == "F":
+        check_image_header(img, path)  # raises, naming the file and the fix
+    if img.mode == "I":
+        array = np.asarray(img)
+        if array.min() < 0 or array.max() > 65535:
+            raise DataError(f"image {path} holds 32-bit values outside 0..65535: save it as an 8-bit or 16-bit image")
+        return Image.fromarray(array.astype(np.uint16))
     if img.mode in ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B", "I;16L"):
         return img
     return img.convert("RGB")
@@ -137,7 +141,7 @@ class Writer:
             link_or_copy(src, dst)
         else:
             dst = folder / f"{stem}.png"
-            _to_png_mode(img).save(dst)
+            _to_png_mode(img, src).save(dst)
             self.summary.conversions[f"{src.suffix.lower() or 'unknown format'} image re-encoded as PNG"] += 1
         self.summary.images[split] += 1
         return dst, img.size

@@ -1,4 +1,4 @@
-"""VisA, UCSD Ped2, BMAD and a user's own folder of images, into the MVTec AD layout.
+"""VisA, UCSD Ped2 and BMAD, into the MVTec AD layout.
 
 Layouts relied on:
 
@@ -17,9 +17,6 @@ Layouts relied on:
 * **BMAD** (https://github.com/DorisBao/BMAD; BrainMRI, LiverCT, RESC):
   ``train/good/img/*.png``, ``{valid,test}/{good,Ungood}/{img,label}/*.png``; a label has the
   name of its image. ``valid`` becomes ``validation``; ``Ungood`` stays the defect type.
-* **folder**: ``<source>/<normal_dir>`` (normal images), optional ``<source>/<abnormal_dir>``
-  and ``<source>/<mask_dir>`` (``<stem>.png`` or ``<stem>_mask.png``). Every
-  ``1/normal_test_every``-th normal image (evenly spaced) goes to ``test/good``.
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_modules.base import IMAGE_EXTENSIONS, DataError
+from data_modules.base import DataError
 from data_modules.prepare.common import Writer, images_in
 
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
@@ -148,35 +145,3 @@ def convert_bmad(source: Path, writer: Writer, subset: str) -> None:
                     continue
                 if not writer.mask([label], written[1], subset, target, defect, image.stem):
                     writer.unwrite(written[0], target)
-
-
-# --------------------------------------------------------------------------- folder
-def convert_folder(source: Path, writer: Writer, class_name: str, normal_dir: str = "good",
-                   abnormal_dir: str | None = None, mask_dir: str | None = None, normal_test_every: int = 5) -> None:
-    if not (source / normal_dir).is_dir():
-        raise DataError(f"{source / normal_dir} not found: put the normal images in <source>/{normal_dir} "
-                        "(or set dataset.sources.<name>.normal_dir)")
-    normals = images_in(source / normal_dir, writer.summary)
-    for i, image in enumerate(normals):
-        held = normal_test_every > 0 and i % normal_test_every == normal_test_every - 1
-        writer.image(image, class_name, "test" if held else "train", "good", image.stem)
-    if not abnormal_dir:
-        return
-    defect = Path(abnormal_dir).name
-    if mask_dir is None:
-        raise DataError(f"dataset.sources.<name>.abnormal_dir={abnormal_dir} needs masks for the pixel metrics: "
-                        "set mask_dir=<folder of <stem>.png or <stem>_mask.png>")
-    for image in images_in(source / abnormal_dir, writer.summary):
-        written = writer.image(image, class_name, "test", defect, image.stem)
-        if written is None:
-            continue
-        candidates = [source / mask_dir / f"{image.stem}{suffix}{ext}" for suffix in ("_mask", "")
-                      for ext in IMAGE_EXTENSIONS]
-        mask = next((c for c in candidates if c.is_file()), None)
-        if mask is None:
-            writer.unwrite(written[0], "test")
-            writer.bad(image, f"defect image without its mask (expected {source / mask_dir}/{image.stem}.png)",
-                       "Add the mask")
-            continue
-        if not writer.mask([mask], written[1], class_name, "test", defect, image.stem):
-            writer.unwrite(written[0], "test")

@@ -34,7 +34,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from src.evaluation.calibration import GROUPS, POOLED, Calibration, NormalStatistics
-from src.evaluation.metrics import PixelHistograms, image_metrics, pixel_metrics
+from src.evaluation.metrics import PIXEL_METRICS, PixelHistograms, image_metrics, pixel_metrics
 from src.evaluation.protocol import combine_groups, resize_and_smooth, resize_ground_truth, top_percent_score
 from src.evaluation.store import MapStore, release_freed_memory
 from src.models.anomalymoe import MoEPrediction
@@ -46,7 +46,7 @@ PROTOCOLS = {
     "inductive": "each group's map min-max normalised with statistics of normal training images only; "
     "each image is scored on its own",
 }
-_STATES = ("sample_index", "class_index", "label", "minimum", "maximum", "group_weights", "routing", "rank", "row")
+_STATES = ("sample_index", "class_index", "label", "has_gt", "minimum", "maximum", "group_weights", "routing", "rank", "row")
 
 
 @dataclass
@@ -90,7 +90,9 @@ class _MapAccumulator(Metric):
     """Collects per-image statistics and stores smoothed group maps (see the module docstring).
 
     Reads from the batch: ``index`` (dataset index), ``class_index``, ``label``, ``image_path``
-    (for error messages) and, when ``with_gt``, ``gt_mask`` (B, 1, H, W).
+    (for error messages) and, when ``with_gt``, ``gt_mask`` (B, 1, H, W) and ``has_gt`` (B,):
+    False for an anomalous image without a ground-truth mask (a dataset with image labels only),
+    which is left out of the pixel metrics.
     """
 
     full_state_update = False
@@ -145,6 +147,9 @@ class _MapAccumulator(Metric):
         self.sample_index.append(torch.as_tensor(batch["index"], device=device))
         self.class_index.append(torch.as_tensor(batch["class_index"], device=device))
         self.label.append(torch.as_tensor(batch["label"], device=device))
+        has_gt = batch.get("has_gt")
+        self.has_gt.append(torch.ones(b, dtype=torch.bool, device=device) if has_gt is None
+                           else torch.as_tensor(has_gt, dtype=torch.bool, device=device))
         self.minimum.append(raw.amin(dim=(2, 3)))
         self.maximum.append(raw.amax(dim=(2, 3)))
         self.group_weights.append(prediction.group_weights)
@@ -305,8 +310,9 @@ class AnomalyEvaluator(_MapAccumulator):
         kept_gt = torch.zeros(kept.numel(), 1, self.eval_size, self.eval_size)
         for pos, final, gt in self._replay(state, low, high):
             for s in slot[classes[pos]].unique().tolist():
-                sel = slot[classes[pos]] == s
-                hists[s].update(final[sel, 0], gt[sel])
+                sel = (slot[classes[pos]] == s) & state["has_gt"][pos]  # images without a mask: no pixel metrics
+                if bool(sel.any()):
+                    hists[s].update(final[sel, 0], gt[sel])
             hit = kept_slot[pos] >= 0
             kept_maps[kept_slot[pos[hit]]] = final[hit]
             kept_gt[kept_slot[pos[hit]]] = gt[hit].unsqueeze(1).float()
@@ -318,7 +324,7 @@ class AnomalyEvaluator(_MapAccumulator):
             hists[s].load_state(hist_state[s])
             sel = classes == cls
             image, notes = image_metrics(scores[sel], state["label"][sel])
-            pixel, threshold, pixel_notes = pixel_metrics(hists[s], self.fpr_limit)
+            pixel, threshold, pixel_notes = self._pixel_metrics(hists[s], state["label"][sel], state["has_gt"][sel])
             mine = (classes[kept] == cls).nonzero(as_tuple=True)[0]
             results[cls] = ClassEvaluation(
                 sample_index=state["sample_index"][sel],
@@ -333,6 +339,21 @@ class AnomalyEvaluator(_MapAccumulator):
                 pixel_threshold=threshold,
             )
         return results
+
+    def _pixel_metrics(self, hist: PixelHistograms, labels: Tensor, has_gt: Tensor) -> tuple[dict, float | None, list[str]]:
+        """Pixel metrics of a class over its images with ground truth; null with a note when its
+        anomalous images have no masks."""
+        anomalous = labels.bool()
+        without = int((anomalous & ~has_gt).sum())
+        if without and without == int(anomalous.sum()):
+            return dict.fromkeys(PIXEL_METRICS), None, [
+                "no ground-truth masks for the anomalous images (a dataset with image labels only): pixel metrics are "
+                "null, image metrics only"]
+        pixel, threshold, notes = pixel_metrics(hist, self.fpr_limit)
+        if without:
+            notes.append(f"{without} of {int(anomalous.sum())} anomalous images have no ground-truth mask: pixel "
+                         "metrics over the others")
+        return pixel, threshold, notes
 
 
 class NormalCalibrator(_MapAccumulator):

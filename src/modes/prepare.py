@@ -29,6 +29,13 @@ def run(cfg: DictConfig) -> float | None:
     for name, module in datamodule.modules.items():
         source = datamodule.download_dirs.get(name)
         convert = getattr(module, "convert", None)
+        if module.reads_source:  # read in place: nothing to convert, only checked
+            module.check_samples("fit")
+            counts = {split: len(module.samples(split)) for split in ("train", "test")}
+            report[name] = {"root": str(module.root), "status": "read in place, checked", "counts": counts}
+            print(f"{name}: {module.root} is read in place (nothing to prepare); checked {counts['train']} training "
+                  f"and {counts['test']} test images", flush=True)
+            continue
         try:
             if convert is None:  # generated data (demo): make it, then check it
                 module.prepare_data()
@@ -54,7 +61,7 @@ def run(cfg: DictConfig) -> float | None:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "prepare.json").write_text(json.dumps(report, indent=1))
-    warnings = sum(len(r["warnings"]) for r in report.values())
+    warnings = sum(len(r.get("warnings", [])) for r in report.values())
     log.info("Prepared %d dataset(s), %d warning(s); summary in %s", len(report), warnings, out / "prepare.json")
     if failed:
         raise DataError(f"{len(failed)} of {len(datamodule.modules)} datasets could not be prepared:\n"

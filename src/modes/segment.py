@@ -71,7 +71,9 @@ def format_report(report: SegmentReport, ious: dict | None) -> str:
 
 def output_folders(cfg: DictConfig, datamodule) -> dict[str, tuple[object, Path]]:
     """``{dataset: (its datamodule, the folder its masks go to)}``: ``segment.output`` for a
-    single dataset, otherwise where each dataset reads its masks (``component_masks``)."""
+    single dataset, otherwise where each dataset's training reads its masks
+    (``component_folder``: its ``component_masks``; the demo's true masks are kept, see
+    :class:`data_modules.demo.DemoDataModule`)."""
     from data_modules.base import DataError
 
     modules = getattr(datamodule, "modules", None) or {datamodule.name: datamodule}
@@ -83,10 +85,10 @@ def output_folders(cfg: DictConfig, datamodule) -> dict[str, tuple[object, Path]
         return {name: (module, Path(cfg.segment.output).expanduser())}
     folders = {}
     for name, module in modules.items():
-        if module.component_root is None:
+        if module.component_folder is None:
             raise DataError(f"dataset {name} has no component_masks folder to write to: set segment.output=<folder> "
                             f"or dataset.sources.{name}.component_masks=<folder>")
-        folders[name] = (module, module.component_root)
+        folders[name] = (module, module.component_folder)  # where its training reads them
     return folders
 
 
@@ -114,9 +116,9 @@ def run(cfg: DictConfig) -> float | None:
         module.prepare_data()
         classes[name] = set(module.class_names())
     unknown = sorted(set(k_per_class) - set().union(*classes.values()))
-    if unknown:
-        raise ValueError(f"segment.k_per_class names unknown class(es) {unknown}; classes: "
-                         f"{sorted(set().union(*classes.values()))}")
+    if unknown:  # e.g. an experiment's settings for classes of another dataset
+        log.warning("segment.k_per_class names class(es) %s that %s does not have (classes: %s): ignored", unknown,
+                    getattr(datamodule, "name", "the dataset"), sorted(set().union(*classes.values())))
     summary, scored = {}, []
     for name, (module, output) in folders.items():
         report = segment_dataset(

@@ -179,7 +179,8 @@ def segment_dataset(
     names = datamodule.class_names()
     unknown = sorted(set(k_per_class) - set(names))
     if unknown:
-        raise ValueError(f"segment.k_per_class names unknown class(es) {unknown}; classes: {names}")
+        log.warning("segment.k_per_class names class(es) %s that this dataset does not have (classes: %s): ignored",
+                    unknown, names)
     if "train" not in splits:
         raise ValueError(f"segment.splits={list(splits)} must include train: prototypes are fitted on it")
     report = SegmentReport(Path(output))

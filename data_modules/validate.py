@@ -1,0 +1,131 @@
+"""Checking every image and mask of a run's splits before the first training step.
+
+:func:`validate_samples` reads the header of every image and mask (no pixel decoding: a few
+milliseconds per file, see ``benchmarks/validation.py``) and collects every problem with its
+file and fix; :func:`raise_problems` turns them into one :class:`~data_modules.base.DataError`.
+Checked: the image opens and its pixel format and size are ones the loader takes
+(:func:`~data_modules.base.check_image_header`), an anomalous image's mask exists, opens and has
+the image's size, no two images of a class, split and type share a stem (their component-mask
+files would collide), and, when component masks are read, each image's mask file exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from data_modules.base import DataError, Sample, check_image_header
+from data_modules.components import component_path
+
+log = logging.getLogger(__name__)
+
+SHOWN = 30  # problems listed in the error; the rest are counted
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: Path
+    what: str
+    fix: str
+
+    def line(self, root: Path | None = None) -> str:
+        return f"{_short(self.path, root)}: {self.what}. Fix: {self.fix}"
+
+
+def _short(path: Path, root: Path | None) -> str:
+    if root is not None:
+        try:
+            return str(path.relative_to(root))
+        except ValueError:
+            pass
+    return str(path)
+
+
+def _header(path: Path) -> tuple[tuple[int, int] | None, str | None]:
+    """((width, height), None) or (None, why the file cannot be used)."""
+    try:
+        with Image.open(path) as img:
+            check_image_header(img, path)
+            return img.size, None
+    except DataError as err:
+        return None, str(err).split(": ", 1)[-1]
+    except FileNotFoundError:
+        return None, "file not found"
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+        return None, f"not a readable image ({err})"
+
+
+def validate_samples(
+    samples: Sequence[Sample], component_roots: Mapping[str, Path | None] | None = None
+) -> list[Problem]:
+    """Every problem of ``samples`` (see the module docstring); ``component_roots`` maps a
+    dataset name to the folder its component masks are read from (None: none)."""
+    problems: list[Problem] = []
+    seen: dict[tuple, Path] = {}
+    roots = dict(component_roots or {})
+    for name, root in roots.items():
+        if root is not None and not Path(root).is_dir():
+            problems.append(Problem(Path(root), f"component masks folder of dataset {name} not found",
+                                    f"compute them with `python run.py mode=segment dataset={name}`, or set "
+                                    "dataset.component_masks=null to train without component masks"))
+            roots[name] = None
+    for sample in samples:
+        key = (sample.dataset, sample.class_name, sample.split, sample.defect_type, sample.image_path.stem)
+        if key in seen:
+            problems.append(Problem(sample.image_path, f"same name as {seen[key]} up to the extension",
+                                    "rename or remove one of them (masks and component masks are found by name)"))
+            continue
+        seen[key] = sample.image_path
+        size, why = _header(sample.image_path)
+        if why is not None:
+            problems.append(Problem(sample.image_path, why, "replace or remove the file"))
+            continue
+        if sample.mask_path is not None:
+            mask_size, why = _header(sample.mask_path)
+            if why == "file not found":
+                problems.append(Problem(sample.image_path, f"anomalous image without its mask (expected {sample.mask_path})",
+                                        "add the mask, or move the image out of the dataset"))
+            elif why is not None:
+                problems.append(Problem(sample.mask_path, f"unusable mask ({why})", "replace the mask"))
+            elif mask_size != size:
+                problems.append(Problem(sample.mask_path, f"mask is {mask_size[0]}x{mask_size[1]} but its image "
+                                        f"{sample.image_path} is {size[0]}x{size[1]}",
+                                        "replace the mask, or convert the dataset with mode=prepare (which resizes "
+                                        "masks of the same aspect ratio)"))
+        root = roots.get(sample.dataset)
+        if root is not None:
+            path = component_path(root, sample.class_name, sample.split, sample.defect_type, sample.image_path.stem)
+            if not path.is_file():
+                problems.append(Problem(sample.image_path, f"no component masks (expected {path})",
+                                        f"compute them with `python run.py mode=segment dataset={sample.dataset}`, or "
+                                        "set dataset.component_masks=null to train without component masks"))
+            elif not zipfile.is_zipfile(path):
+                problems.append(Problem(path, "unreadable component mask file", "delete it and run mode=segment again"))
+    return problems
+
+
+def raise_problems(problems: Sequence[Problem], what: str, roots: Mapping[str, Path] | None = None) -> None:
+    """One :class:`DataError` listing ``problems`` (paths relative to a dataset root where possible)."""
+    if not problems:
+        return
+    root_list = [Path(r) for r in (roots or {}).values()]
+
+    def root_of(path: Path) -> Path | None:
+        return next((r for r in root_list if path.is_relative_to(r)), None)
+
+    def line(problem: Problem) -> str:
+        text = problem.line(root_of(problem.path))
+        for root in root_list:
+            text = text.replace(f"{root}/", "")
+        return f"  {text}"
+
+    lines = [line(p) for p in problems[:SHOWN]]
+    if len(problems) > SHOWN:
+        lines.append(f"  ... and {len(problems) - SHOWN} more")
+    where = f" (under {', '.join(map(str, root_list))})" if root_list else ""
+    raise DataError(f"{len(problems)} problem(s) in {what}{where}, found before training:\n" + "\n".join(lines))
