@@ -109,15 +109,23 @@ def set_max_image_pixels(limit: int | None) -> None:
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow warns above it and stops at twice it
 
 
-def check_image_header(img: Image.Image, path: Path) -> None:
-    """What the header tells: a size within the limit and a pixel format the loader handles."""
+def header_problem(img: Image.Image) -> tuple[str, str] | None:
+    """(what is wrong, the fix) when an image's size or pixel format is one the loader refuses."""
     if img.width * img.height > MAX_IMAGE_PIXELS:
-        raise DataError(f"image {path} is {img.width}x{img.height} ({img.width * img.height / 1e6:.0f} MP), above "
-                        f"dataset.max_image_pixels={MAX_IMAGE_PIXELS}: downscale it, or raise the limit "
-                        "(dataset.max_image_pixels=<pixels>) if it is meant to be that large")
+        return (f"is {img.width}x{img.height} ({img.width * img.height / 1e6:.1f} MP), above "
+                f"dataset.max_image_pixels={MAX_IMAGE_PIXELS}",
+                "downscale it, or raise the limit (dataset.max_image_pixels=<pixels>) if it is meant to be that large")
     if img.mode == "F":
-        raise DataError(f"image {path} holds 32-bit floats (mode F), whose value range is not defined: save it as an "
-                        "8-bit or 16-bit image (e.g. values in [0, 1] times 65535 as a 16-bit PNG)")
+        return ("holds 32-bit floats (mode F), whose value range is not defined",
+                "save it as an 8-bit or 16-bit image (e.g. values in [0, 1] times 65535 as a 16-bit PNG)")
+    return None
+
+
+def check_image_header(img: Image.Image, path: Path) -> None:
+    """Raise a :class:`DataError` naming ``path`` when :func:`header_problem` finds one."""
+    problem = header_problem(img)
+    if problem is not None:
+        raise DataError(f"image {path} {problem[0]}: {problem[1]}")
 
 
 def open_image(path: Path, mode: str = "RGB") -> Image.Image:
@@ -140,8 +148,8 @@ def open_image(path: Path, mode: str = "RGB") -> Image.Image:
                 img = Image.fromarray(np.round(array * (255 / 65535)).astype(np.uint8))
             return img.convert(mode)
     except Image.DecompressionBombError as err:
-        raise DataError(f"image {path} is too large for Pillow ({err}): downscale it, or raise "
-                        "dataset.max_image_pixels") from err
+        raise DataError(f"image {path} is too large ({err}), above dataset.max_image_pixels={MAX_IMAGE_PIXELS}: "
+                        "downscale it, or raise dataset.max_image_pixels") from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DataError(f"cannot read image {path}: {err}. Replace or remove the file.") from err
 

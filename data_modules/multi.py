@@ -25,7 +25,15 @@ import torch
 from hydra.utils import get_class
 from torch.utils.data import DataLoader, Sampler
 
-from data_modules.base import AnomalyDataModule, AnomalyDataset, DataError, Sample, SampleLoaders, evenly_spaced
+from data_modules.base import (
+    AnomalyDataModule,
+    AnomalyDataset,
+    DataError,
+    Sample,
+    SampleLoaders,
+    evenly_spaced,
+    set_max_image_pixels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +108,8 @@ class MultiSourceDataModule(SampleLoaders):
         balance: ``image`` (uniform over images, the original) or ``dataset`` (each dataset
             gets the same share of training samples).
         skip_bad: ``mode=prepare`` leaves unusable inputs out (counted) instead of stopping.
+        max_image_pixels: images with more pixels are refused with an error naming the file
+            (None: Pillow's limit, 89.5 million).
         The remaining arguments are the loader settings of :class:`AnomalyDataModule`, shared by
         every source; other keyword arguments are source settings of the single source.
     """
@@ -114,6 +124,7 @@ class MultiSourceDataModule(SampleLoaders):
         component_masks: str | None = INHERIT,
         balance: str = "image",
         skip_bad: bool = False,
+        max_image_pixels: int | None = None,
         image_size: int | None = 392,
         resize: int = 448,
         batch_size: int = 8,
@@ -133,6 +144,7 @@ class MultiSourceDataModule(SampleLoaders):
             sources = {name: next(iter(sources.values()))}
         if balance not in ("image", "dataset"):
             raise ValueError(f"dataset.balance={balance!r}: use image (uniform over images) or dataset")
+        set_max_image_pixels(max_image_pixels)
         overrides = {"root": root, "classes": classes, "source": source, **source_overrides}
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if component_masks != INHERIT and component_masks is not None:

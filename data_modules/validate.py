@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from data_modules.base import DataError, Sample, check_image_header
+from data_modules.base import DataError, Sample, header_problem
 from data_modules.components import component_path
 
 log = logging.getLogger(__name__)
@@ -46,18 +46,17 @@ def _short(path: Path, root: Path | None) -> str:
     return str(path)
 
 
-def _header(path: Path) -> tuple[tuple[int, int] | None, str | None]:
-    """((width, height), None) or (None, why the file cannot be used)."""
+def _header(path: Path) -> tuple[tuple[int, int] | None, tuple[str, str] | None]:
+    """((width, height), None) or (None, (why the file cannot be used, the fix))."""
     try:
         with Image.open(path) as img:
-            check_image_header(img, path)
-            return img.size, None
-    except DataError as err:
-        return None, str(err).split(": ", 1)[-1]
+            return img.size, header_problem(img)
     except FileNotFoundError:
-        return None, "file not found"
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
-        return None, f"not a readable image ({err})"
+        return None, ("file not found", "")
+    except Image.DecompressionBombError as err:
+        return None, (f"too large ({err})", "downscale it, or raise dataset.max_image_pixels")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        return None, (f"not a readable image ({err})", "replace or remove the file")
 
 
 def validate_samples(
@@ -83,15 +82,15 @@ def validate_samples(
         seen[key] = sample.image_path
         size, why = _header(sample.image_path)
         if why is not None:
-            problems.append(Problem(sample.image_path, why, "replace or remove the file"))
+            problems.append(Problem(sample.image_path, why[0], why[1] or "restore the file or remove it from the list"))
             continue
         if sample.mask_path is not None:
             mask_size, why = _header(sample.mask_path)
-            if why == "file not found":
+            if why is not None and why[0] == "file not found":
                 problems.append(Problem(sample.image_path, f"anomalous image without its mask (expected {sample.mask_path})",
                                         "add the mask, or move the image out of the dataset"))
             elif why is not None:
-                problems.append(Problem(sample.mask_path, f"unusable mask ({why})", "replace the mask"))
+                problems.append(Problem(sample.mask_path, f"unusable mask ({why[0]})", "replace the mask"))
             elif mask_size != size:
                 problems.append(Problem(sample.mask_path, f"mask is {mask_size[0]}x{mask_size[1]} but its image "
                                         f"{sample.image_path} is {size[0]}x{size[1]}",

@@ -17,7 +17,7 @@ from lightning import Callback, LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from data_modules.base import DataError
+from src.config_checks import prepare_run
 from src.loggers import git_commit
 from src.models.anomalymoe import AnomalyMoE
 from src.models.backbone import WEIGHTS_DEFERRED
@@ -141,6 +141,7 @@ def run_task(cfg: DictConfig) -> float | None:
         raise ValueError(f"mode={cfg.mode!r} is not one of {available_modes()}")
     if cfg.get("seed") is not None:
         seed_everything(cfg.seed, workers=True)
+    prepare_run(cfg)  # config values checked and fitted to the machine before anything heavy
     save_config(cfg)
     try:
         return importlib.import_module(f"src.modes.{cfg.mode}").run(cfg)

@@ -117,7 +117,7 @@ def test_collate_pads_component_masks():
 
 def test_missing_component_masks_are_an_error(mvtec_tree, tmp_path):
     dm = datamodule(mvtec_tree, component_masks=str(tmp_path / "masks"))
-    with pytest.raises(DataError, match="no component masks.*mode=segment"):
+    with pytest.raises(DataError, match="component masks folder of dataset .* not found.*mode=segment"):
         dm.setup("fit")
 
 
