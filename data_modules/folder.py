@@ -102,6 +102,10 @@ class FolderDataModule(AnomalyDataModule):
         if not self.configured:
             raise DataError(f"dataset '{self.name}' reads your own images: set dataset.source=<folder> (a folder with "
                             f"{self.normal_dir}/ holding the normal images; see docs/own_images.md)")
+        if not self.root.is_dir():
+            raise DataError(f"dataset '{self.name}': folder {self.root} not found (dataset.source): give the folder "
+                            f"of your images, with the normal ones in {self.normal_dir}/ (nothing to download; see "
+                            "docs/own_images.md)")
         if not (self.root / self.normal_dir).is_dir():
             raise DataError(f"{self.root / self.normal_dir} not found: put the normal images in "
                             f"<source>/{self.normal_dir} (or set dataset.sources.{self.name}.normal_dir)")

@@ -176,3 +176,11 @@ def test_sixteen_bit_images_load_in_a_folder(tmp_path):
     dm = folder_module(source, "dataset.sources.folder.normal_test_fraction=0")
     dm.setup("fit")
     assert len(dm.train_set) == 5 and dm.train_set[4]["image"].shape == (3, 32, 32)
+
+
+def test_a_truncated_png_is_found_before_training(tmp_path):
+    source = own_images(tmp_path / "mine", normals=5, types={"bad": 1})
+    path = source / "good" / "n02.png"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(DataError, match=r"good/n02.png: not a readable image \(Truncated"):
+        folder_module(source).setup("fit")
