@@ -319,8 +319,11 @@ class AnomalyMoEModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         self.test_results = self.evaluator.evaluate()
         self.evaluator.reset()
+        loaders = self.trainer.test_dataloaders if self._trainer is not None else None
+        test_set = getattr(loaders[-1] if isinstance(loaders, (list, tuple)) else loaders, "dataset", None)
+        types = [s.defect_type for s in test_set.samples] if hasattr(test_set, "samples") else None  # per-type results
         self.test_report = build_report(self.test_results, self.class_keys, self.evaluator.protocol,
-                                        self.net.num_experts, self.calibration)
+                                        self.net.num_experts, self.calibration, types)
         logs = {f"test/{k}": v for k, v in self.test_report["mean"].items() if v is not None}
         for level in ("datasets", "classes"):
             for key, values in self.test_report[level].items():

@@ -184,3 +184,45 @@ def test_a_truncated_png_is_found_before_training(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(DataError, match=r"good/n02.png: not a readable image \(Truncated"):
         folder_module(source).setup("fit")
+
+
+def test_per_defect_type_image_metrics():
+    import torch
+
+    from src.evaluation.evaluator import ClassEvaluation
+    from src.evaluation.report import build_report
+
+    types = ["good", "good", "scratch", "stain", "stain"]
+    result = ClassEvaluation(sample_index=torch.arange(5), labels=torch.tensor([0, 0, 1, 1, 1]),
+                             image_scores=torch.tensor([0.1, 0.5, 0.9, 0.3, 0.7]), routing_weights=torch.ones(5, 2))
+    report = build_report({0: result}, ["folder/images"], defect_types=types)
+    by_type = report["classes"]["folder/images"]["defect_types"]
+    assert sorted(by_type) == ["scratch", "stain"]
+    assert by_type["scratch"]["image_auroc"] == pytest.approx(1.0) and by_type["scratch"]["num_anomalous"] == 1
+    assert by_type["stain"]["image_auroc"] == pytest.approx(0.75) and by_type["stain"]["num_anomalous"] == 2
+
+
+@pytest.mark.slow
+def test_demo_on_a_folder_of_good_and_bad_images_only(tmp_path, small_demo_root):
+    """The demo experiment on a folder with good/ and bad/ only: image metrics, pixel metrics null with a note."""
+    import json
+    import shutil
+
+    from tests.test_run import run_cli
+
+    source = tmp_path / "mine"
+    (source / "good").mkdir(parents=True)
+    for path in sorted((small_demo_root / "fabric" / "train" / "good").glob("*.png")):
+        shutil.copy(path, source / "good" / path.name)
+    for folder in sorted((small_demo_root / "fabric" / "test").iterdir()):
+        for path in sorted(folder.glob("*.png")):
+            (source / "bad").mkdir(exist_ok=True)
+            shutil.copy(path, source / "bad" / f"{folder.name}_{path.name}")
+    out = tmp_path / "run"
+    run_cli("experiment=demo", "dataset=folder", f"dataset.source={source}", "trainer.max_steps=4",
+            "dataset.image_size=84", "dataset.resize=96", "dataset.batch_size=4", f"paths.output_dir={out}",
+            f"paths.data_dir={tmp_path / 'data'}")
+    result = json.loads((out / "results.json").read_text())["classes"]["folder/images"]
+    assert isinstance(result["image_auroc"], float)
+    assert all(result[m] is None for m in ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"))
+    assert any("no ground-truth masks" in note for note in result["notes"])

@@ -18,7 +18,7 @@ import torch
 
 from src.evaluation.calibration import GROUPS, Calibration
 from src.evaluation.evaluator import PROTOCOLS, ClassEvaluation
-from src.evaluation.metrics import METRICS
+from src.evaluation.metrics import IMAGE_METRICS, METRICS, image_metrics
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -52,6 +52,19 @@ def routing_summary(results: Mapping[str, ClassEvaluation], counts: Sequence[int
     return {"experts": expert_names(counts), "classes": classes, "group_weight": group_weight}
 
 
+def per_defect_type(result: ClassEvaluation, defect_types: Sequence[str]) -> dict[str, dict]:
+    """Image metrics of each anomalous type of a class against all its normal images (the
+    MVTec convention); ``defect_types[i]`` is the type of test-set image ``i``."""
+    kinds = [defect_types[int(i)] for i in result.sample_index]
+    normal = ~result.labels.bool()
+    out = {}
+    for kind in sorted({k for k, n in zip(kinds, normal.tolist()) if not n}):
+        sel = normal | torch.tensor([k == kind for k in kinds])
+        metrics, notes = image_metrics(result.image_scores[sel], result.labels[sel])
+        out[kind] = {**metrics, "num_anomalous": int((~normal & sel).sum()), **({"notes": notes} if notes else {})}
+    return out
+
+
 def _decision(result: ClassEvaluation, threshold: float) -> dict:
     """How the normal-data threshold does on the test set of a class."""
     anomalous = result.image_scores >= threshold
@@ -69,8 +82,10 @@ def build_report(
     protocol: str = "paper",
     expert_counts: Sequence[int] | None = None,
     calibration: Calibration | None = None,
+    defect_types: Sequence[str] | None = None,
 ) -> dict:
-    """The whole report as a JSON-ready dict (see README "Evaluation")."""
+    """The whole report as a JSON-ready dict (see README "Evaluation"); with ``defect_types``
+    (the type of each test-set image) also each class's image metrics per defect type."""
     by_key = {class_keys[i] if i < len(class_keys) else str(i): results[i] for i in sorted(results)}
     classes = {}
     for key, result in by_key.items():
@@ -80,6 +95,8 @@ def build_report(
             "num_anomalous": int(result.labels.sum()),
             **({"notes": result.notes} if result.notes else {}),
         }
+        if defect_types is not None:
+            classes[key]["defect_types"] = per_defect_type(result, defect_types)
         if protocol == "inductive" and calibration is not None and key in calibration.stats:
             classes[key]["decision"] = _decision(result, calibration.stats[key].threshold)
     datasets: dict[str, dict] = {}
@@ -136,6 +153,13 @@ def markdown_tables(report: dict) -> str:
             if _dataset(key) == name:
                 lines.append(f"| {key.split('/', 1)[-1]} | " + " | ".join(_fmt(values.get(m)) for m in metrics) + " |")
         lines.append("| **mean** | " + " | ".join(_fmt(means.get(m)) for m in metrics) + " |")
+        blocks.append("\n".join(lines))
+    by_type = [(key, kind, v) for key, c in report["classes"].items() for kind, v in c.get("defect_types", {}).items()]
+    if any(len(c.get("defect_types", {})) > 1 for c in report["classes"].values()):
+        lines = ["**image metrics per defect type** (each against all normal images of its class, %)", "",
+                 "| class | defect type | " + " | ".join(IMAGE_METRICS) + " |", "|---" * (len(IMAGE_METRICS) + 2) + "|"]
+        lines += [f"| {key} | {kind} | " + " | ".join(_fmt(v.get(m)) for m in IMAGE_METRICS) + " |"
+                  for key, kind, v in by_type]
         blocks.append("\n".join(lines))
     if "routing" in report:
         lines = ["**mean routing weight per expert group** (%)", "", "| dataset | " + " | ".join(GROUPS) + " |",
