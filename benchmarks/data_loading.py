@@ -50,7 +50,7 @@ def write_dataset(root: Path, num_png: int, num_jpg: int) -> None:
 
 def measure(root: Path, workers: int, batches: int, warmup: int, batch_size: int) -> dict:
     dm = MultiSourceDataModule(
-        sources={"bench": {"_target_": "data_modules.families.MVTecADDataModule", "root": str(root)}},
+        sources={"bench": {"kind": "mvtec_ad", "root": str(root)}},
         image_size=392, resize=448, batch_size=batch_size, num_workers=workers,
     )
     dm.setup("fit")

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import get_class
 from torch.utils.data import DataLoader, Sampler
 
 from data_modules.base import (
@@ -34,6 +33,7 @@ from data_modules.base import (
     evenly_spaced,
     set_max_image_pixels,
 )
+from data_modules.sources import build_source, source_class
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,8 @@ class MultiSourceDataModule(SampleLoaders):
     """Several datasets as one: the union of their classes, keyed ``<dataset>/<class>``.
 
     Args:
-        sources: ``{name: settings}``; settings hold ``_target_`` (a family datamodule class, see
-            :mod:`data_modules.families`) and its own arguments (``root``, ``classes``,
+        sources: ``{name: settings}``; settings hold ``kind`` (a source kind, see
+            :mod:`data_modules.sources`; default ``mvtec_ad``) and its own arguments (``root``, ``classes``,
             ``download_hint``, ``source``: the download folder for ``mode=prepare``, ...).
         name: a single source's name in reports (renames it); with several sources only a label
             of the combination (default: the names joined by ``+``).
@@ -165,9 +165,10 @@ class MultiSourceDataModule(SampleLoaders):
             settings = {**dict(settings), **overrides}
             if component_masks is None:  # null: no component masks for any dataset
                 settings["component_masks"] = None
-            family = get_class(settings.pop("_target_", "data_modules.families.MVTecADDataModule"))
-            self.download_dirs[key] = settings.get("source") if family.reads_source else settings.pop("source", None)
-            self.modules[key] = family(name=key, **settings, **shared)
+            kind = settings.pop("kind", "mvtec_ad")
+            reads_source = source_class(kind).reads_source
+            self.download_dirs[key] = settings.get("source") if reads_source else settings.pop("source", None)
+            self.modules[key] = build_source(kind, name=key, **settings, **shared)
         self.balance, self.skip_bad = balance, skip_bad
         self.batch_size, self.test_batch_size, self.num_workers = batch_size, test_batch_size, num_workers
         self.eval_jitter = eval_jitter

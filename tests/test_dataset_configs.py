@@ -22,3 +22,18 @@ def test_dataset_configs_are_short_and_share_the_loader_settings(dataset):
 def test_the_last_dataset_of_a_list_sets_the_loader_values():
     cfg = compose_cfg(["dataset=[mvtec_ad,demo]", "paths.output_dir=/tmp/unused"]).dataset
     assert list(cfg.sources) == ["mvtec_ad", "demo"] and cfg.image_size == 168 and cfg.num_workers == 0
+
+
+def test_every_source_names_a_registered_kind():
+    from data_modules.sources import SOURCE_KINDS
+
+    cfg = compose_cfg(["dataset=[all,demo,folder]", "paths.output_dir=/tmp/unused"]).dataset
+    assert {s.kind for s in cfg.sources.values()} == set(SOURCE_KINDS)
+
+
+def test_an_unknown_source_kind_lists_the_kinds():
+    from data_modules.base import DataError
+    from data_modules.multi import MultiSourceDataModule
+
+    with pytest.raises(DataError, match=r"kind='mvtech' is not a source kind; use one of \['bmad', 'demo', 'folder'"):
+        MultiSourceDataModule({"mine": {"kind": "mvtech", "root": "/tmp/unused"}})

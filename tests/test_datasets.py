@@ -23,6 +23,7 @@ from data_modules.base import DataError
 from data_modules.multi import BalancedSampler
 from data_modules.prepare import PUBLISHED, prepare_dataset, validate_prepared
 from data_modules.prepare.counts import Published
+from data_modules.prepare.mvtec import xyz_path
 from src.modes.prepare import run as run_prepare
 from tests.conftest import compose_cfg
 
@@ -255,8 +256,7 @@ def test_mvtec_3d_rgb_used_xyz_kept(tmp_path):
     dm = prepared(tmp_path, "mvtec_3d", fake_mvtec_3d(tmp_path / "3d"))
     out = loaded(dm)
     assert sorted(out["label"]) == [0, 1, 1] and check_masks_aligned(out, lambda p: int(p.stem)) == 2
-    module = dm.modules["mvtec_3d"]
-    xyz = module.xyz_path(Path(out["image_path"][0]))
+    xyz = xyz_path(Path(out["image_path"][0]))
     assert xyz.is_file() and xyz.suffix == ".tiff" and "xyz" in xyz.parts
     assert not (tmp_path / "prepared" / "bagel" / "ground_truth" / "good").exists()  # all-zero masks not written
     assert len(list((tmp_path / "prepared" / "bagel" / "validation" / "good").iterdir())) == 1

@@ -119,3 +119,10 @@ def convert_mvtec_3d(source: Path, writer: Writer) -> None:
                         continue
                     if not writer.mask([mask], written[1], name, split, defect, image.stem):
                         writer.unwrite(written[0], split)
+
+
+def xyz_path(image_path: Path) -> Path:
+    """The point cloud kept for a prepared MVTec 3D-AD RGB image ``<class>/<split>/<type>/<stem>.png``."""
+    image_path = Path(image_path)
+    split_dir = image_path.parent.parent
+    return split_dir.parent / "xyz" / split_dir.name / image_path.parent.name / f"{image_path.stem}.tiff"
