@@ -180,21 +180,15 @@ class MultiSourceDataModule(SampleLoaders):
         self.val_set: AnomalyDataset | None = None
         self.test_set: AnomalyDataset | None = None
 
-    # ------------------------------------------------------------------ what single-dataset code reads
+    # ------------------------------------------------------------------ names, folders, classes
     @property
     def name(self) -> str:
         return self.label
 
     @property
-    def single(self) -> AnomalyDataModule | None:
-        """The only source, or None when there are several."""
-        return next(iter(self.modules.values())) if len(self.modules) == 1 else None
-
-    @property
-    def root(self) -> Path:
-        if len(self.modules) > 1:
-            raise AttributeError(f"datasets {self.name} have one root each: see .modules[<name>].root")
-        return next(iter(self.modules.values())).root
+    def roots(self) -> dict[str, Path]:
+        """Each dataset's folder."""
+        return {name: m.root for name, m in self.modules.items()}
 
     @property
     def component_root(self) -> Path | dict[str, Path | None] | None:
@@ -204,17 +198,15 @@ class MultiSourceDataModule(SampleLoaders):
         return next(iter(roots.values())) if len(roots) == 1 else roots
 
     def class_names(self) -> list[str]:
-        """What :meth:`list_samples` takes: the class names of a single source (as with one
-        datamodule), the class keys ``<dataset>/<class>`` with several."""
-        return self.single.class_names() if self.single else self.test_class_keys
+        """The class keys ``<dataset>/<class>``, the names used in reports (same as
+        :attr:`test_class_keys`); a missing dataset or class is an error here."""
+        return self.test_class_keys
 
-    def list_samples(self, class_name: str, split: str) -> list[Sample]:
-        """Samples of a class (a name of :meth:`class_names`) and split."""
-        if self.single:
-            return self.single.list_samples(class_name, split)
-        dataset, _, name = class_name.partition("/")
-        if dataset not in self.modules:
-            raise DataError(f"class key {class_name!r}: expected <dataset>/<class> with a dataset of {list(self.modules)}")
+    def list_samples(self, class_key: str, split: str) -> list[Sample]:
+        """Samples of a class (a key of :meth:`class_names`) and split."""
+        dataset, _, name = class_key.partition("/")
+        if not name or dataset not in self.modules:
+            raise DataError(f"class key {class_key!r}: expected <dataset>/<class> with a dataset of {list(self.modules)}")
         return self.modules[dataset].list_samples(name, split)
 
     @property

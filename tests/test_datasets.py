@@ -477,8 +477,8 @@ def test_prepare_cli_twice_then_train_on_demo_and_visa(tmp_path, small_demo_root
 def test_single_source_reads_like_one_datamodule(tmp_path):
     root = fake_mvtec_ad(tmp_path / "mvtec")
     dm = instantiate(compose_cfg(["dataset=mvtec_ad", f"dataset.root={root}", "dataset.name=mine", *LOADER]).dataset)
-    assert dm.name == "mine" and dm.root == root and dm.class_names() == ["bottle"]
-    assert dm.test_class_keys == ["mine/bottle"] and len(dm.list_samples("bottle", "test")) == 3
+    assert dm.name == "mine" and dm.roots == {"mine": root} and dm.class_names() == ["mine/bottle"]
+    assert dm.test_class_keys == ["mine/bottle"] and len(dm.list_samples("mine/bottle", "test")) == 3
     both = instantiate(compose_cfg(["dataset=[mvtec_ad,visa]", f"dataset.sources.mvtec_ad.root={root}",
                                    f"dataset.sources.visa.root={root}"]).dataset)
     assert both.name == "mvtec_ad+visa" and both.class_names()[0] == "mvtec_ad/bottle"

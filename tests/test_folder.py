@@ -84,7 +84,7 @@ def test_held_out_normals_are_a_seeded_random_share(tmp_path):
 
     def held(*extra):
         dm = folder_module(source, *extra)
-        return sorted(s.image_path.name for s in dm.single.list_samples("images", "test") if s.label == 0)
+        return sorted(s.image_path.name for s in dm.list_samples("folder/images", "test") if s.label == 0)
 
     first = held()
     assert len(first) == 4 and first == held() and first != [f"n{k:02d}.png" for k in range(4)]
@@ -96,9 +96,9 @@ def test_accepted_extensions(tmp_path):
     source = own_images(tmp_path / "mine", normals=5, types={"bad": 1})
     Image.open(source / "good" / "n00.png").convert("RGB").save(source / "good" / "extra.jpg")
     dm = folder_module(source, "dataset.sources.folder.extensions=[.png]", "dataset.sources.folder.normal_test_fraction=0")
-    assert len(dm.single.list_samples("images", "train")) == 5
+    assert len(dm.list_samples("folder/images", "train")) == 5
     dm = folder_module(source, "dataset.sources.folder.normal_test_fraction=0")
-    assert len(dm.single.list_samples("images", "train")) == 6
+    assert len(dm.list_samples("folder/images", "train")) == 6
 
 
 def test_missing_source_says_what_to_set(tmp_path):
@@ -139,7 +139,7 @@ def test_component_masks_of_each_source_are_kept_apart(tmp_path):
     first = own_images(tmp_path / "a" / "imgs", normals=4, types={"bad": 1})
     second = own_images(tmp_path / "b" / "imgs", normals=4, types={"bad": 1})
     a, b = folder_module(first, data_dir=tmp_path / "data"), folder_module(second, data_dir=tmp_path / "data")
-    fa, fb = a.single.component_folder, b.single.component_folder
+    fa, fb = a.modules["folder"].component_folder, b.modules["folder"].component_folder
     assert fa != fb and fa.parent == fb.parent == tmp_path / "data" / "components" / "folder"
     assert fa.name == source_key(first) and a.component_root is None  # none computed: data without parts
     a.require_component_masks(2)  # no error: routed to patch and global experts only
@@ -155,7 +155,7 @@ def test_segment_writes_where_training_reads(tmp_path):
                        f"paths.data_dir={tmp_path / 'data'}"])
     dm = instantiate(cfg.dataset)
     ((_, written),) = output_folders(cfg, dm).values()
-    assert written == dm.single.component_folder
+    assert written == dm.modules["folder"].component_folder
     demo = compose_cfg(["experiment=demo", f"paths.data_dir={tmp_path / 'data'}"])
     ((_, written),) = output_folders(demo, instantiate(demo.dataset)).values()
     assert written == tmp_path / "data" / "components" / "demo"  # the demo's true masks are kept
