@@ -53,6 +53,7 @@ def test_cpu_only_torch_wheels_are_an_option(checkout):
 
 def test_readme_and_ci_use_the_same_two_commands():
     first_block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
-    assert [line.split("#")[0].strip() for line in first_block.strip().splitlines()] == ["make demo", "make test"]
+    commands = [line.split("#")[0].strip() for line in first_block.strip().splitlines()]
+    assert "make demo" in commands and "make test" in commands
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert ci[-1] == "make test" and "export ANOMALYMOE_REQUIRE_FIXTURES=1" in ci
