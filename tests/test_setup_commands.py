@@ -16,7 +16,10 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is no
 
 def dry_run(folder, *args: str) -> str:
     """The commands ``make`` would run in ``folder`` (a copy of the Makefile and pyproject.toml)."""
-    proc = subprocess.run(["make", "-n", *args], cwd=folder, capture_output=True, text=True, timeout=30)
+    # Under `make test` the outer make's settings (MAKEFLAGS: its ARGS=..., MAKELEVEL) would reach this one.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    proc = subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=folder, env=env, capture_output=True,
+                          text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
