@@ -31,7 +31,7 @@ from torch import Tensor
 
 from src.evaluation.calibration import Calibration
 from src.evaluation.evaluator import AnomalyEvaluator, ClassEvaluation, NormalCalibrator
-from src.evaluation.report import build_report
+from src.evaluation.report import build_report, expert_names
 from src.losses import (
     CLUBEstimator,
     LossWeights,
@@ -61,6 +61,8 @@ class AnomalyMoEModule(LightningModule):
     optimizer: partial optimiser for the experts and the gate (called with param groups).
     scheduler: partial LR scheduler for that optimiser, stepped every iteration (or None).
     estimator_optimizer: partial optimiser for the CLUB estimator.
+        Both optimisers are needed to train (not to test or predict); their settings live in one
+        place, ``module.optimizer`` and ``module.estimator_optimizer`` of ``conf/module/default.yaml``.
     gradient_clip: max global gradient norm of each optimiser's parameters (original: 0.1).
     evaluator: test-time protocol and metrics; defaults to the original's protocol.
     calibrator: statistics of normal images (inductive protocol, decision threshold).
@@ -102,17 +104,15 @@ class AnomalyMoEModule(LightningModule):
 
     # ------------------------------------------------------------------ optimisers
     def configure_optimizers(self):
-        from src.optim import StableAdamW
-
+        missing = [name for name, factory in (("optimizer", self.optimizer_factory),
+                                              ("estimator_optimizer", self.estimator_optimizer_factory)) if factory is None]
+        if missing:
+            raise ValueError(f"training needs {' and '.join(f'module.{m}' for m in missing)}: a partial optimiser "
+                             "(_partial_: true), as conf/module/default.yaml sets it")
         groups = [{"params": list(m.parameters()), "name": name} for name, m in self.net.trainable_groups().items()]
         groups = [g for g in groups if g["params"]]
-        main = self.optimizer_factory(groups) if self.optimizer_factory else StableAdamW(groups)
-        est_params = list(self.estimator.parameters())
-        est = (
-            self.estimator_optimizer_factory(est_params)
-            if self.estimator_optimizer_factory
-            else torch.optim.Adam(est_params, lr=5e-4, weight_decay=1e-4)
-        )
+        main = self.optimizer_factory(groups)
+        est = self.estimator_optimizer_factory(list(self.estimator.parameters()))
         if self.scheduler_factory is None:
             return [main, est]
         return [{"optimizer": main, "lr_scheduler": {"scheduler": self.scheduler_factory(main), "interval": "step"}}, {"optimizer": est}]
@@ -246,7 +246,7 @@ class AnomalyMoEModule(LightningModule):
         probs = torch.softmax(out.logits.detach(), dim=1)
         logs["train/router_entropy"] = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean()
         mask = out.expert_mask.float()  # (B, E)
-        names = [f"{g}{i}" for g, n in zip("pgc", self.net.num_experts) for i in range(n)]
+        names = expert_names(self.net.num_experts)  # patch0 .., global0 .., component0 .. as in the reports
         load = mask.mean(0)
         logs.update({f"train/load_{name}": load[e] for e, name in enumerate(names)})
         # Per-dataset routing: the fraction of each dataset's images routed to each expert.

@@ -4,7 +4,7 @@ Formats handled (each through exactly one mapping function):
 
 * Meta DINOv2 ``.pth`` (``dinov2_vitb14_reg4_pretrain.pth``): ``cls_token``, ``pos_embed`` with
   the CLS entry (1 + M*M), ``register_tokens``, ``mask_token``, ``blocks.{i}.*``
-  -> :func:`meta_dinov2_to_timm`.
+  -> :func:`meta_dinov2_to_timm` (timm's own DINOv2 conversion, plus what it lacks).
 * timm DINOv2 weights (``model.safetensors`` / ``pytorch_model.bin``): used as they are.
 * The original AnomalyMoE state dict (``model_final.pth``; SPEC section 9), with or without a
   ``module.`` prefix -> :func:`original_to_ours`; :func:`ours_to_original` goes back.
@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from timm.models.vision_transformer import _convert_dinov2
 from torch import Tensor, nn
 
 ORIGINAL_GROUPS = ("patch_experts", "global_experts", "component_experts")
@@ -84,25 +85,21 @@ def is_meta_dinov2(state_dict: Mapping[str, Tensor]) -> bool:
 
 
 def meta_dinov2_to_timm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Meta DINOv2 (registers) keys -> timm ``no_embed_class`` keys (SPEC 2.7).
+    """Meta DINOv2 (registers) keys -> timm ``no_embed_class`` keys (SPEC 2.7), by timm's own conversion.
 
-    The CLS entry of the position table is folded into ``cls_token`` (timm adds no position
-    to prefix tokens); ``mask_token`` is unused and dropped; chunked ``blocks.c.i`` are flattened.
+    timm's ``_convert_dinov2`` (what its ``checkpoint_filter_fn`` runs on Meta checkpoints) drops the
+    unused ``mask_token``, renames ``register_tokens``, folds the CLS entry of the position table into
+    ``cls_token`` (timm adds no position to prefix tokens) and renames SwiGLU layers. Its
+    ``checkpoint_filter_fn`` is not called: it would silently resample a position table or patch
+    embedding of another size, which the strict checks of :func:`check_and_load` report instead.
+    Added here: Meta's chunked ``blocks.c.i.`` keys are flattened, and the CLS fold is summed in fp32
+    (an fp16 checkpoint would otherwise round the folded CLS token).
     """
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        if key == "mask_token":
-            continue
-        if key == "register_tokens":
-            out["reg_token"] = value
-        elif key == "cls_token":
-            # summed in fp32: fp16 checkpoints would otherwise round the folded CLS token
-            out["cls_token"] = value.float() + state_dict["pos_embed"][:, :1].float()
-        elif key == "pos_embed":
-            out["pos_embed"] = value[:, 1:]
-        else:
-            out[re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)] = value
-    return out
+    state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key): value for key, value in state_dict.items()}
+    for key in ("cls_token", "pos_embed"):
+        if key in state:
+            state[key] = state[key].float()
+    return _convert_dinov2(state, None)  # pops from the dict it is given: ``state`` is our copy
 
 
 def timm_to_meta_dinov2(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
