@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from src.models.checkpoint import load_file
 from src.segment.features import DenseFeatures, state_fingerprint
 from src.segment.parts import Prototypes, fit_prototypes
 
@@ -78,7 +79,7 @@ def load_sam(checkpoint: str | None, model_type: str = "vit_b", arch: dict | Non
         raise FileNotFoundError(f"segment.sam_checkpoint={path} does not exist: download a {model_type} checkpoint "
                                 f"from {SAM_CHECKPOINTS}")
     sam = build_sam(model_type, arch)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_file(path, "segment.sam_checkpoint")
     state = state.get("model", state) if isinstance(state, dict) else state
     expected = sam.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
