@@ -93,7 +93,8 @@ def save_config(cfg: DictConfig) -> None:
     """The resolved config next to the results, whatever ``paths.output_dir`` is."""
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    config = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # Hydra's own node, when composed with it
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(config, resolve=True))
 
 
 def run_task(cfg: DictConfig) -> float | None:
