@@ -22,14 +22,7 @@ from src.entry import run_task
 from src.errors import ConfigError, user_error
 from src.models.checkpoint import CheckpointError
 from tests.conftest import ROOT, compose_cfg, small_demo_overrides
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.test_resume import one_thread  # noqa: F401  (autouse: one intra-op thread on a shared CPU)
 
 
 def cli(*args: str, env: dict | None = None, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
