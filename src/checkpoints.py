@@ -189,6 +189,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer (one live run per folder)
+            stale.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- resuming
@@ -199,7 +201,9 @@ def resume_candidates(output_dir: str | Path) -> list[Path]:
     folder = output_dir / "checkpoints"
     found = [folder / "last.ckpt", folder / INTERRUPTED, *folder.glob("step_*.ckpt"), *output_dir.glob("hpc_ckpt_*.ckpt")]
     found = [p for p in found if p.is_file()]
-    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+    rank = {"last.ckpt": 3, INTERRUPTED: 2}  # files written within one clock tick: the later kind first
+    return sorted(found, key=lambda p: (p.stat().st_mtime, rank.get(p.name, 1 if p.name.startswith("hpc") else 0),
+                                        p.name), reverse=True)
 
 
 def find_resume_checkpoint(output_dir: str | Path) -> Checkpoint | None:

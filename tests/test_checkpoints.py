@@ -251,6 +251,8 @@ def test_sigkill_during_a_checkpoint_write_leaves_a_loadable_file(tmp_path):
         checkpoint = read_checkpoint(target)
         assert checkpoint.global_step >= 1 and checkpoint.state_dict["net.w"].shape == (4_000_000,)
         assert find_resume_checkpoint(tmp_path / "run").path == target
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"net.w": torch.zeros(1)}, "global_step": 9}, target)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"], "the killed writers' files are removed"
     assert not [p for p in (tmp_path / "tmp").rglob("*") if p.is_file()], "nothing is staged in TMPDIR"
 
 
