@@ -238,22 +238,25 @@ while True:
 
 @pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_leaves_a_loadable_file(tmp_path):
-    """Kill the writer at several moments; TMPDIR on another folder (like a cluster's local disk)."""
+    """Kill the writer while it writes (its temporary file exists), TMPDIR on another folder
+    (like a cluster's local disk); then the next save cleans up after it."""
     target = tmp_path / "run" / "checkpoints" / "last.ckpt"
     env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     (tmp_path / "tmp").mkdir()
-    for delay in (0.05, 0.3):
-        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], env=env, stdout=subprocess.PIPE, text=True)
-        proc.stdout.readline()  # one complete checkpoint exists
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        checkpoint = read_checkpoint(target)
-        assert checkpoint.global_step >= 1 and checkpoint.state_dict["net.w"].shape == (4_000_000,)
-        assert find_resume_checkpoint(tmp_path / "run").path == target
-    AtomicCheckpointIO().save_checkpoint({"state_dict": {"net.w": torch.zeros(1)}, "global_step": 9}, target)
-    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"], "the killed writers' files are removed"
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], env=env, stdout=subprocess.PIPE, text=True)
+    proc.stdout.readline()  # one complete checkpoint exists
+    deadline = time.time() + 60
+    while not list(target.parent.glob(".last.ckpt.*.tmp")) and time.time() < deadline:
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(target.parent.glob(".last.ckpt.*.tmp")), "the writer was not caught mid-write"
+    checkpoint = read_checkpoint(target)
+    assert checkpoint.global_step >= 1 and checkpoint.state_dict["net.w"].shape == (4_000_000,)
+    assert find_resume_checkpoint(tmp_path / "run").path == target
     assert not [p for p in (tmp_path / "tmp").rglob("*") if p.is_file()], "nothing is staged in TMPDIR"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"net.w": torch.zeros(1)}, "global_step": 9}, target)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"], "the killed writer's file is removed"
 
 
 @pytest.mark.slow
@@ -276,21 +279,28 @@ def test_sigterm_writes_interrupted_checkpoint_and_exits_143(small_demo_root, tm
 
 
 # --------------------------------------------------------------------------- 6. errors early and short
+def test_bad_ckpt_path_is_one_short_message_before_anything_is_built(tmp_path, capsys, monkeypatch):
+    from src.entry import run_task_reporting_user_errors
+
+    absent, random_bytes = tmp_path / "absent.ckpt", tmp_path / "random.ckpt"
+    random_bytes.write_bytes(b"\x00random bytes" * 40)
+    for ckpt, message in ((absent, "does not exist"), (random_bytes, "is not a complete PyTorch file")):
+        cfg = compose_cfg(["experiment=demo", "mode=test", f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path / ckpt.stem}"])
+        with pytest.raises(SystemExit) as exited:
+            run_task_reporting_user_errors(cfg)
+        assert exited.value.code == 1
+        assert f"Error: ckpt_path={ckpt} {message}" in capsys.readouterr().err
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # the traceback stays available
+    with pytest.raises(FileNotFoundError):
+        run_task_reporting_user_errors(compose_cfg(["mode=test", f"ckpt_path={absent}", f"paths.output_dir={tmp_path / 'full'}"]))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("content", "message"), [(None, "does not exist"), (b"\x00random bytes" * 40,
-                                                  "is not a complete PyTorch file")])
-def test_bad_ckpt_path_is_one_short_message_before_anything_is_built(content, message, tmp_path):
-    ckpt = tmp_path / "model.ckpt"
-    if content is not None:
-        ckpt.write_bytes(content)
-    proc = cli("experiment=demo", "mode=test", f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path / 'out'}")
-    assert proc.returncode == 1
-    assert f"Error: ckpt_path={ckpt} {message}" in proc.stderr
+def test_a_user_error_from_the_command_line_has_no_traceback(tmp_path):
+    proc = cli("mode=test", f"ckpt_path={tmp_path / 'absent.ckpt'}", f"paths.output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 1 and f"Error: ckpt_path={tmp_path / 'absent.ckpt'} does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout and "Error executing job" not in proc.stderr
-    assert "Backbone" not in proc.stdout + proc.stderr  # no model was built
-    full = cli("experiment=demo", "mode=test", f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path / 'full'}",
-               env={"HYDRA_FULL_ERROR": "1"})
-    assert full.returncode == 1 and "Traceback" in full.stderr
+    assert "Backbone" not in proc.stdout + proc.stderr  # the (full-size) model was never built
 
 
 def test_user_errors_are_found_behind_hydra_instantiation():
