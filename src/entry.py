@@ -66,6 +66,15 @@ def check_ckpt_path(cfg: DictConfig) -> None:
                                 + ("; give a .ckpt file or ckpt_path=last" if cfg.mode == "train" else ""))
 
 
+def resumes_its_folder(cfg: DictConfig) -> bool:
+    """Training that continues the run of ``paths.output_dir``: ``ckpt_path=last`` or one of its files."""
+    ckpt_path = cfg.get("ckpt_path")
+    if cfg.mode != "train" or not ckpt_path:
+        return False
+    folder = Path(cfg.paths.output_dir).expanduser().resolve()
+    return ckpt_path == "last" or Path(ckpt_path).expanduser().resolve().is_relative_to(folder)
+
+
 def use_checkpoint(cfg: DictConfig) -> None:
     """Read ``ckpt_path`` (``last``: the newest checkpoint of the run folder that loads) and build
     the model it describes; ``cfg.ckpt_path`` becomes the file used (None: nothing to resume)."""
@@ -107,7 +116,7 @@ def run_task(cfg: DictConfig) -> float | None:
         raise ConfigError(f"mode={cfg.mode!r} is not one of {available_modes()}")
     check_ckpt_path(cfg)
     main_process = rank_zero_only.rank == 0  # processes started by a DDP launcher share the folder
-    claim = claim_run_folder(cfg.paths.output_dir, cfg.mode, resume=cfg.get("ckpt_path") == "last",
+    claim = claim_run_folder(cfg.paths.output_dir, cfg.mode, resume=resumes_its_folder(cfg),
                              overwrite=bool(cfg.get("overwrite")), record=cfg.mode in RUN_MODES)
     try:
         with claim if main_process else nullcontext():

@@ -144,11 +144,9 @@ def test_checkpoint_describes_its_run(demo_run, no_component_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["demo_run", "no_component_run"])
-def test_predict_needs_only_the_checkpoint_and_the_input(run, request, small_demo_root, tmp_path):
-    folder = request.getfixturevalue(run)
+def test_predict_needs_only_the_checkpoint_and_the_input(demo_run, small_demo_root, tmp_path):
     # A fresh project root: nothing but the defaults of conf/ (no experiment, no dataset, no model overrides).
-    proc = cli("mode=predict", f"ckpt_path={folder / 'checkpoints' / 'last.ckpt'}",
+    proc = cli("mode=predict", f"ckpt_path={demo_run / 'checkpoints' / 'last.ckpt'}",
                f"predict.input={small_demo_root / 'widget' / 'test'}", "predict.recursive=true",
                env={"ANOMALYMOE_ROOT": str(tmp_path)}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -156,6 +154,37 @@ def test_predict_needs_only_the_checkpoint_and_the_input(run, request, small_dem
     result = json.loads(result.read_text())
     assert result["num_scored"] == 12 and result["statistics"]["source"] == "checkpoint"
     assert result["checkpoint_step"] == 7
+
+
+@pytest.fixture(scope="module")
+def two_dataset_run(small_demo_root, tmp_path_factory) -> Path:
+    """A run on the demo and a (fake) VisA, not tested."""
+    from tests.test_datasets import fake_visa, prepared
+
+    tmp = tmp_path_factory.mktemp("visa")
+    prepared(tmp, "visa", fake_visa(tmp / "VisA"))
+    folder = tmp / "run"
+    run_task(compose_cfg([
+        "experiment=demo", "dataset=[demo,visa]", f"dataset.sources.demo.root={small_demo_root}",
+        "dataset.component_masks=null", "model.num_component_experts=0", "model.top_k=3",
+        "+dataset.sources.demo.generate_size=96", "+dataset.sources.demo.num_train=8",
+        "+dataset.sources.demo.num_test_good=4", "+dataset.sources.demo.num_test_defect=2",
+        f"dataset.sources.visa.root={tmp / 'prepared'}", "dataset.image_size=56", "dataset.resize=64",
+        "dataset.batch_size=4", "trainer.max_steps=2", "module.scheduler.warmup_steps=1", "test_after_training=false",
+        "evaluation.calibration.images_per_class=2", "logger=none", f"paths.output_dir={folder}"]))
+    return folder
+
+
+@pytest.mark.parametrize("run", ["no_component_run", "two_dataset_run"])
+def test_predict_on_other_checkpoints_needs_only_the_checkpoint_and_the_input(run, request, small_demo_root, tmp_path):
+    ckpt = request.getfixturevalue(run) / "checkpoints" / "last.ckpt"
+    run_task(compose_cfg(["mode=predict", f"ckpt_path={ckpt}", f"predict.input={small_demo_root / 'fabric' / 'test'}",
+                          "predict.recursive=true", f"paths.output_dir={tmp_path}"]))
+    result = json.loads((tmp_path / "predictions" / "predictions.json").read_text())
+    assert result["num_scored"] == 8 and result["statistics"]["source"] == "checkpoint"
+    keys = read_checkpoint(ckpt).description["class_keys"]
+    assert keys == (["demo/fabric", "demo/widget", "visa/candle"] if run == "two_dataset_run"
+                    else ["demo/fabric", "demo/widget"])
 
 
 def test_test_mode_rebuilds_the_model_and_rejects_contradicting_overrides(demo_run, small_demo_root, tmp_path):

@@ -85,8 +85,15 @@ def test_a_folder_holding_a_run_is_not_reused_unless_resumed_or_overwritten(tmp_
         pass
 
 
-def test_overwrite_flag_is_in_the_config():
+def test_overwrite_flag_is_in_the_config_and_resuming_from_a_file_of_the_folder_counts_as_resuming(tmp_path):
+    from src.entry import resumes_its_folder
+
     assert compose_cfg(["overwrite=true"]).overwrite is True
+    own = tmp_path / "run" / "checkpoints" / "step_000005.ckpt"
+    for ckpt_path, mode, resumes in (("last", "train", True), (own, "train", True), (tmp_path / "other.ckpt", "train", False),
+                                     (own, "test", False), (None, "train", False)):
+        cfg = compose_cfg([f"mode={mode}", f"ckpt_path={ckpt_path or 'null'}", f"paths.output_dir={tmp_path / 'run'}"])
+        assert resumes_its_folder(cfg) is resumes, (ckpt_path, mode)
 
 
 @pytest.mark.slow
