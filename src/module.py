@@ -339,7 +339,7 @@ class AnomalyMoEModule(LightningModule):
         missing = [k for k in self.class_keys if k not in self.calibration.stats]
         if missing:
             raise ConfigError(f"the calibration has no statistics for test classes {missing} (it has "
-                           f"{sorted(self.calibration.stats)}); set evaluation.recalibrate=true")
+                              f"{sorted(self.calibration.stats)}); set evaluation.recalibrate=true")
         self.evaluator.normalization = {i: self.calibration.stats[k] for i, k in enumerate(self.class_keys)}
 
     def on_test_epoch_end(self) -> None:
