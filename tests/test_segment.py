@@ -110,7 +110,7 @@ def test_training_refuses_to_start_without_component_masks(tmp_path):
         run(cfg)
     with pytest.raises(DataError, match=r"is null.*mode=segment.*num_component_experts=0"):
         run(compose_cfg([*base, "dataset.component_masks=null"]))
-    from src.tasks import require_component_masks
+    from src.build import require_component_masks
 
     require_component_masks(compose_cfg([*base, "model.num_component_experts=0"]))  # no error
 

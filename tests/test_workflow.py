@@ -35,7 +35,7 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def net_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     return {k: v for k, v in state["state_dict"].items() if k.startswith("net.")} | {"step": state["global_step"]}
 
 
