@@ -38,7 +38,7 @@ def main() -> None:
     from src.models.checkpoint import check_and_load, original_to_ours
     from tests.test_parity import STRUCTURES, build_model, eval_mode_losses, padded_masks
 
-    fixture = torch.load(path, map_location="cpu", weights_only=False)
+    fixture = torch.load(path, map_location="cpu", weights_only=True)
     config, inputs, expected = fixture["config"], fixture["inputs"], fixture["outputs"]
     image, image_ae = inputs["image_st"].float(), inputs["image_ae"].float()
     masks, counts = padded_masks(inputs["masks"])

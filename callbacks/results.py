@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 class ResultsWriter(Callback):
     """After ``trainer.test``: write ``pl_module.test_report`` (built in ``on_test_epoch_end``),
-    ``routing.png`` and, when the run calibrated, ``calibration.json``."""
+    ``routing.png`` and, when this run computed the calibration, ``calibration.json`` (a copy of
+    what the checkpoint holds, for reading)."""
 
     def __init__(self, output_dir: str) -> None:
         self.output_dir = Path(output_dir)
@@ -36,7 +37,7 @@ class ResultsWriter(Callback):
             rows = list(routing["classes"])
             fractions = np.array([routing["classes"][k]["selected"] for k in rows])
             paths.append(routing_figure(fractions, rows, routing["experts"], self.output_dir / "routing.png"))
-        if pl_module.calibrate_on_test and pl_module.calibration is not None:
+        if pl_module.calibration is not None and pl_module.calibration_source == "computed":
             paths.append(pl_module.calibration.save(self.output_dir / "calibration.json"))
         print("\n" + markdown_tables(self.report) + "\n", flush=True)
         log.info("Results written to %s", ", ".join(str(p) for p in paths))

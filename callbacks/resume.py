@@ -1,4 +1,5 @@
-"""Checkpoints for interrupted runs and how a run finds the checkpoint to resume from."""
+"""Checkpoints of a run: periodic and final ones, the run description inside each, and the one
+written when training is interrupted."""
 
 from __future__ import annotations
 
@@ -6,10 +7,55 @@ import logging
 from pathlib import Path
 
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``step_*.ckpt`` every ``every_n_train_steps`` during training; ``last.ckpt`` once, when the
+    fit ends: the final weights, with the calibration the module computes for them just before.
+
+    So ``last.ckpt`` is always the final model, whatever ``max_steps`` is, and no file is
+    rewritten afterwards (``enable_version_counter=False``: never ``last-v1.ckpt``).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("enable_version_counter", False)
+        super().__init__(*args, **kwargs)
+        self._final = False
+
+    def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates: dict) -> None:
+        if self._final:  # not during training: last.ckpt is only the final model
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.save_last or trainer.fast_dev_run:
+            return
+        if hasattr(pl_module, "calibrate") and trainer.datamodule is not None:
+            pl_module.calibrate(trainer.datamodule)
+        self._final = True
+        try:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        finally:
+            self._final = False
+        pl_module.checkpoint_info = {"path": self.last_model_path, "global_step": trainer.global_step}
+        log.info("Saved the final model (step %d) to %s", trainer.global_step, self.last_model_path)
+
+
+class RunDescription(Callback):
+    """Puts the run description (:func:`src.build.describe_run`) and the module's class keys into
+    every checkpoint (key ``anomalymoe``), so that a checkpoint can be used on its own."""
+
+    KEY = "anomalymoe"
+
+    def __init__(self, description: dict) -> None:
+        self.description = description
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        checkpoint[self.KEY] = {**self.description, "class_keys": list(getattr(pl_module, "class_keys", []))}
 
 
 class InterruptCheckpoint(Callback):
@@ -37,16 +83,3 @@ class InterruptCheckpoint(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero and self.path.is_file():
             self.path.unlink()
-
-
-def find_resume_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest checkpoint a run in ``output_dir`` left for resuming, or None.
-
-    Looks at ``checkpoints/last.ckpt``, ``checkpoints/interrupted.ckpt`` and Lightning's SLURM
-    requeue checkpoints ``hpc_ckpt_<n>.ckpt`` (written to the run folder on the requeue signal).
-    """
-    output_dir = Path(output_dir)
-    candidates = [output_dir / "checkpoints" / "last.ckpt", output_dir / "checkpoints" / InterruptCheckpoint.FILENAME]
-    candidates += output_dir.glob("hpc_ckpt_*.ckpt")
-    found = [p for p in candidates if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None

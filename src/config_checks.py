@@ -25,6 +25,8 @@ from numbers import Number
 import torch
 from omegaconf import DictConfig, open_dict
 
+from src.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MODES_WITH_MODEL = ("train", "test", "predict", "benchmark")
@@ -38,10 +40,6 @@ HARMLESS_WARNINGS = (
     (r"The number of training batches \(\d+\) is smaller than the logging interval", Warning,
      "training runs for trainer.max_steps across epochs; logging is per step"),
 )
-
-
-class ConfigError(ValueError):
-    """Config values that cannot work; the message names each key and its fix."""
 
 
 def available_cpus() -> int:

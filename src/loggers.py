@@ -1,15 +1,20 @@
-"""Experiment loggers built from config: W&B that never waits for a network it does not have."""
+"""Experiment loggers built from config: W&B that never waits for a network it does not have
+and continues the run of its folder, a CSV logger that keeps the rows of earlier attempts."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
+import re
 import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,13 @@ def wandb_offline_by_default(offline: bool | None) -> bool:
     return not (mode == "online" or wandb_key_configured())
 
 
+def previous_wandb_run(save_dir: str | Path) -> str | None:
+    """The id of the newest W&B run under ``<save_dir>/wandb`` (``[offline-]run-<time>-<id>``), or None."""
+    runs = sorted((Path(save_dir) / "wandb").glob("*run-*-*"), key=lambda p: p.name.removeprefix("offline-"))
+    ids = [m.group(1) for p in runs if p.is_dir() and (m := re.fullmatch(r"(?:offline-)?run-\d{8}_\d{6}-(\w+)", p.name))]
+    return ids[-1] if ids else None
+
+
 def wandb_logger(
     project: str,
     save_dir: str,
@@ -47,12 +59,17 @@ def wandb_logger(
     """Lightning's ``WandbLogger``; ``offline=None`` decides with :func:`wandb_offline_by_default`.
 
     Online runs give up after ``init_timeout`` seconds instead of waiting for a network; offline
-    runs write ``<save_dir>/wandb/offline-run-*`` (upload later with ``wandb sync``).
+    runs write ``<save_dir>/wandb/offline-run-*`` (upload later with ``wandb sync``). A run folder
+    that already holds a W&B run (a resumed training, ``ckpt_path=last``) continues that run.
     """
     import wandb
 
     offline = wandb_offline_by_default(offline)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
+    previous = previous_wandb_run(save_dir)
+    if previous and "id" not in kwargs:
+        log.info("W&B: continuing run %s of %s", previous, save_dir)
+        kwargs.update(id=previous, resume="allow")
     log.info("W&B logger %s (project %s, dir %s)", "offline" if offline else "online", project, save_dir)
     return WandbLogger(
         project=project, name=name, save_dir=save_dir, offline=offline,
@@ -72,3 +89,25 @@ def git_commit(root: str | Path) -> dict[str, str | bool | None]:
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class AppendingCSVLogger(CSVLogger):
+    """``CSVLogger`` whose ``metrics.csv`` keeps the rows of earlier attempts of the run (a resumed
+    run appends; new columns rewrite the header and keep every row)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -28,10 +28,12 @@ import torch
 import torch.distributed as dist
 from lightning import LightningModule
 from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler
 
+from src.errors import ConfigError
 from src.evaluation.calibration import Calibration
 from src.evaluation.evaluator import AnomalyEvaluator, ClassEvaluation, NormalCalibrator
-from src.evaluation.report import build_report
+from src.evaluation.report import build_report, expert_names
 from src.losses import (
     CLUBEstimator,
     LossWeights,
@@ -61,6 +63,8 @@ class AnomalyMoEModule(LightningModule):
     optimizer: partial optimiser for the experts and the gate (called with param groups).
     scheduler: partial LR scheduler for that optimiser, stepped every iteration (or None).
     estimator_optimizer: partial optimiser for the CLUB estimator.
+        Both optimisers are needed to train (not to test or predict); their settings live in one
+        place, ``module.optimizer`` and ``module.estimator_optimizer`` of ``conf/module/default.yaml``.
     gradient_clip: max global gradient norm of each optimiser's parameters (original: 0.1).
     evaluator: test-time protocol and metrics; defaults to the original's protocol.
     calibrator: statistics of normal images (inductive protocol, decision threshold).
@@ -93,26 +97,29 @@ class AnomalyMoEModule(LightningModule):
         self.step_rng: dict[str, Tensor] | None = None  # random state of the training steps
         self._restored_rng = False
         self.val_results: dict[int, ClassEvaluation] = {}
-        # Set by src.tasks.run_test: test classes, and whether dataloader 0 holds normal images to calibrate on.
-        self.class_keys: list[str] = []
-        self.calibrate_on_test = False
-        self.calibration: Calibration | None = None  # from the checkpoint or computed during test
+        self.class_keys: list[str] = []  # "<dataset>/<class>" of the datamodule's class indices (setup)
+        self.calibration: Calibration | None = None  # normal-image statistics of the current weights
+        self.calibration_source: str | None = None  # "checkpoint" or "computed" (by calibrate)
+        self.checkpoint_info: dict | None = None  # {"path", "global_step"}: the file holding these weights
         self.test_results: dict[int, ClassEvaluation] = {}
         self.test_report: dict | None = None
 
+    def setup(self, stage: str) -> None:
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "test_class_keys"):
+            self.class_keys = list(datamodule.test_class_keys)
+
     # ------------------------------------------------------------------ optimisers
     def configure_optimizers(self):
-        from src.optim import StableAdamW
-
+        missing = [name for name, factory in (("optimizer", self.optimizer_factory),
+                                              ("estimator_optimizer", self.estimator_optimizer_factory)) if factory is None]
+        if missing:
+            raise ValueError(f"training needs {' and '.join(f'module.{m}' for m in missing)}: a partial optimiser "
+                             "(_partial_: true), as conf/module/default.yaml sets it")
         groups = [{"params": list(m.parameters()), "name": name} for name, m in self.net.trainable_groups().items()]
         groups = [g for g in groups if g["params"]]
-        main = self.optimizer_factory(groups) if self.optimizer_factory else StableAdamW(groups)
-        est_params = list(self.estimator.parameters())
-        est = (
-            self.estimator_optimizer_factory(est_params)
-            if self.estimator_optimizer_factory
-            else torch.optim.Adam(est_params, lr=5e-4, weight_decay=1e-4)
-        )
+        main = self.optimizer_factory(groups)
+        est = self.estimator_optimizer_factory(list(self.estimator.parameters()))
         if self.scheduler_factory is None:
             return [main, est]
         return [{"optimizer": main, "lr_scheduler": {"scheduler": self.scheduler_factory(main), "interval": "step"}}, {"optimizer": est}]
@@ -161,8 +168,7 @@ class AnomalyMoEModule(LightningModule):
             checkpoint["calibration"] = self.calibration.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "calibration" in checkpoint:
-            self.calibration = Calibration.from_dict(checkpoint["calibration"])
+        """Resume: the random streams (the calibration is recomputed when the fit ends)."""
         states = checkpoint.get("anomalymoe_random_state")
         trainer = self._trainer
         rank = trainer.global_rank if trainer is not None else 0
@@ -179,6 +185,10 @@ class AnomalyMoEModule(LightningModule):
         self.pair_rng.setstate(states[rank]["pair_rng"])
         self.step_rng = states[rank]["step_rng"]
         self._restored_rng = True
+
+    def on_train_start(self) -> None:
+        self.set_calibration(None)  # the weights are about to change
+        self.checkpoint_info = None
 
     # ------------------------------------------------------------------ training
     def compute_losses(self, out: TrainOutput) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
@@ -246,7 +256,7 @@ class AnomalyMoEModule(LightningModule):
         probs = torch.softmax(out.logits.detach(), dim=1)
         logs["train/router_entropy"] = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean()
         mask = out.expert_mask.float()  # (B, E)
-        names = [f"{g}{i}" for g, n in zip("pgc", self.net.num_experts) for i in range(n)]
+        names = expert_names(self.net.num_experts)  # patch0 .., global0 .., component0 .. as in the reports
         load = mask.mean(0)
         logs.update({f"train/load_{name}": load[e] for e, name in enumerate(names)})
         # Per-dataset routing: the fraction of each dataset's images routed to each expert.
@@ -274,46 +284,62 @@ class AnomalyMoEModule(LightningModule):
             if values:
                 self.log(f"val/{metric}", sum(values) / len(values), sync_dist=False)
 
-    # ------------------------------------------------------------------ testing
-    # With ``calibrate_on_test`` the test loop has two dataloaders: 0 = normal training images
-    # (their statistics are computed and synchronised before the first test batch), 1 = the test set.
+    # ------------------------------------------------------------------ calibration and testing
+    def set_calibration(self, calibration: Calibration | None, source: str | None = None) -> None:
+        self.calibration, self.calibration_source = calibration, source if calibration is not None else None
+
+    def calibrate(self, datamodule) -> Calibration:
+        """Compute the normal-image calibration of the current weights (:mod:`src.evaluation.calibration`).
+
+        The one place it is computed: when a fit ends (before ``last.ckpt`` is written), before a
+        test of weights that have none, and in ``mode=predict``. Under several processes each
+        scores its share of the images and the statistics are gathered, so every process must
+        call it.
+        """
+        loader = datamodule.normal_dataloader(self.calibrator.images_per_class)
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            sampler = DistributedSampler(loader.dataset, trainer.world_size, trainer.global_rank, shuffle=False)
+            loader = DataLoader(loader.dataset, loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn,
+                                num_workers=loader.num_workers)
+        self.calibrator.reset()
+        self.calibrator.class_keys = list(datamodule.test_class_keys)
+        training = self.training
+        self.eval()
+        with torch.no_grad():
+            for batch in loader:
+                batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                self.calibrator.update(self.anomaly_maps(batch), batch)
+        calibration = self.calibrator.evaluate()  # gathered over processes
+        self.calibrator.reset()
+        self.train(training)
+        for note in calibration.notes:
+            log.warning("calibration: %s", note)
+        self.set_calibration(calibration, "computed")
+        return calibration
+
     def on_test_start(self) -> None:
         self.evaluator.reset()
-        self.calibrator.reset()
-        self.calibrator.class_keys = self.class_keys
-        if not self.calibrate_on_test:
-            self._apply_calibration()
-
-    def on_test_batch_start(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self.calibrate_on_test and dataloader_idx == 1 and batch_idx == 0:
-            self.calibration = self.calibrator.evaluate()  # every process reaches this point: a collective
-            self.calibrator.reset()
-            for note in self.calibration.notes:
-                log.warning("calibration: %s", note)
-            self._apply_calibration()
+        if self.calibration is None:
+            log.info("Calibrating on normal training images before the test")
+            self.calibrate(self.trainer.datamodule)
+        self._apply_calibration()
 
     def anomaly_maps(self, batch: dict) -> MoEPrediction:
         """Raw per-group maps and routing of a batch (evaluation forward pass)."""
         return self.net(batch["image"], batch.get("image_ae"), batch.get("masks"), batch.get("num_masks"))
 
-    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        prediction = self.anomaly_maps(batch)
-        if self.calibrate_on_test and dataloader_idx == 0:
-            self.calibrator.update(prediction, batch)
-        else:
-            self.evaluator.update(prediction, batch)
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.evaluator.update(self.anomaly_maps(batch), batch)
 
     def _apply_calibration(self) -> None:
         """Hand the normal-image statistics of every test class to an inductive evaluator."""
         if self.evaluator.protocol != "inductive":
             return
-        if self.calibration is None:
-            raise RuntimeError("evaluation.protocol=inductive needs normal-image statistics: test with a checkpoint "
-                               "that holds them or let src.tasks.run_test compute them (evaluation.recalibrate=true)")
         missing = [k for k in self.class_keys if k not in self.calibration.stats]
         if missing:
-            raise KeyError(f"the calibration has no statistics for test classes {missing} (it has "
-                           f"{sorted(self.calibration.stats)}); set evaluation.recalibrate=true")
+            raise ConfigError(f"the calibration has no statistics for test classes {missing} (it has "
+                              f"{sorted(self.calibration.stats)}); set evaluation.recalibrate=true")
         self.evaluator.normalization = {i: self.calibration.stats[k] for i, k in enumerate(self.class_keys)}
 
     def on_test_epoch_end(self) -> None:
@@ -324,6 +350,8 @@ class AnomalyMoEModule(LightningModule):
         types = [s.defect_type for s in test_set.samples] if hasattr(test_set, "samples") else None  # per-type results
         self.test_report = build_report(self.test_results, self.class_keys, self.evaluator.protocol,
                                         self.net.num_experts, self.calibration, types)
+        # The weights tested: the checkpoint they were loaded from or saved to, and its step.
+        self.test_report["checkpoint"] = self.checkpoint_info or {"path": None, "global_step": self.trainer.global_step}
         logs = {f"test/{k}": v for k, v in self.test_report["mean"].items() if v is not None}
         for level in ("datasets", "classes"):
             for key, values in self.test_report[level].items():

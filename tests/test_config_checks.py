@@ -9,7 +9,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from src.config_checks import ConfigError, clamp_top_k, config_problems, fit_to_machine, prepare_run, silence_harmless_warnings
+from src.config_checks import clamp_top_k, config_problems, fit_to_machine, prepare_run, silence_harmless_warnings
+from src.errors import ConfigError
 from tests.conftest import compose_cfg
 
 
@@ -41,7 +42,7 @@ def test_the_default_configs_pass():
 
 
 def test_a_bad_value_stops_the_run_before_anything_heavy(tmp_path):
-    from src.tasks import run_task
+    from src.entry import run_task
 
     cfg = compose_cfg(["experiment=demo", "dataset.batch_size=-1", f"paths.output_dir={tmp_path}",
                        f"paths.data_dir={tmp_path / 'data'}"])

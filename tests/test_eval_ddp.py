@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from src.tasks import run_task
+from src.entry import run_task
 from tests.conftest import compose_cfg, small_demo_overrides
 from tests.test_run import run_cli
 

@@ -31,7 +31,7 @@ if not FIXTURE.is_file():
 
 @pytest.fixture(scope="module")
 def fixture() -> dict:
-    return torch.load(FIXTURE, map_location="cpu", weights_only=False)
+    return torch.load(FIXTURE, map_location="cpu", weights_only=True)
 
 
 STRUCTURES = {

@@ -10,9 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from src.evaluation.calibration import Calibration, attach_to_checkpoint
-from src.tasks import run_task
+from src.entry import run_task
+from src.evaluation.calibration import Calibration
 from tests.conftest import compose_cfg, small_demo_overrides
+
+
+def with_calibration(source: Path, target: Path, calibration: Calibration) -> Path:
+    """A copy of checkpoint ``source`` holding ``calibration`` (as mode=train stores it)."""
+    checkpoint = torch.load(source, weights_only=True)
+    checkpoint["calibration"] = calibration.to_dict()
+    torch.save(checkpoint, target)
+    return target
 
 
 def predict(root: Path, ckpt: Path, input_path: Path, out: Path, *extra: str) -> dict:
@@ -55,9 +63,7 @@ def test_predict_folder_single_image_and_stored_calibration(small_demo_root, dem
 
     # 2. One image, with a calibration stored in the checkpoint and a per-class threshold.
     calibration.stats["demo/widget"].threshold = 0.0  # every score is >= 0: decides "anomalous"
-    ckpt = tmp_path / "calibrated.ckpt"
-    shutil.copy(demo_checkpoint, ckpt)
-    attach_to_checkpoint(ckpt, calibration)
+    ckpt = with_calibration(demo_checkpoint, tmp_path / "calibrated.ckpt", calibration)
     image = sorted(ten_images.glob("*.png"))[0]
     single = predict(small_demo_root, ckpt, image, tmp_path / "single", "predict.class_key=demo/widget")
     assert single["num_scored"] == 1 and single["statistics"]["source"] == "checkpoint"
@@ -75,25 +81,23 @@ def test_predict_errors_name_the_setting(small_demo_root, demo_checkpoint, tmp_p
     empty.mkdir()
     (empty / "a.txt").write_text("x")
     with pytest.raises(Exception, match="holds no images"):
-        predict(small_demo_root, demo_checkpoint, empty, tmp_path / "out")
+        predict(small_demo_root, demo_checkpoint, empty, tmp_path / "out")  # a run that failed leaves no results
 
 
 def test_calibration_travels_in_the_checkpoint(demo_checkpoint, tmp_path, small_demo_root):
     from hydra.utils import instantiate
 
+    from src.checkpoints import load_weights, read_checkpoint
     from src.evaluation.calibration import NormalStatistics
-    from src.tasks import load_weights
 
     calibration = Calibration(1.0, {"all": NormalStatistics([0, 0, 0], [1, 1, 1], 0.5, 3, 0.2, 0.5)})
-    ckpt = tmp_path / "c.ckpt"
-    shutil.copy(demo_checkpoint, ckpt)
-    attach_to_checkpoint(ckpt, calibration)
+    ckpt = with_calibration(demo_checkpoint, tmp_path / "c.ckpt", calibration)
     cfg = compose_cfg(small_demo_overrides(small_demo_root))
     module = instantiate(cfg.module, net=instantiate(cfg.model))
-    load_weights(module, ckpt)
-    assert module.calibration == calibration
+    load_weights(module, read_checkpoint(ckpt))
+    assert module.calibration == calibration and module.calibration_source == "checkpoint"
     saved = {}
     module.on_save_checkpoint(saved)
     assert Calibration.from_dict(saved["calibration"]) == calibration
-    assert torch.load(ckpt, weights_only=False)["state_dict"].keys() == torch.load(demo_checkpoint, weights_only=False)[
-        "state_dict"].keys()
+    load_weights(module, read_checkpoint(ckpt), calibration=False)  # evaluation.recalibrate=true
+    assert module.calibration is None

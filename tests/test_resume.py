@@ -10,8 +10,8 @@ import pytest
 import torch
 from lightning import Callback, seed_everything
 
-from src.modes.train import resolve_resume_path
-from src.tasks import build_components
+from src.build import build_components
+from src.checkpoints import find_resume_checkpoint
 from tests.test_run import compose_cfg
 
 
@@ -44,7 +44,7 @@ def fit(overrides: list[str], extra_callbacks=(), ckpt_path=None):
     seed_everything(cfg.seed, workers=True)
     datamodule, module, trainer = build_components(cfg)
     trainer.callbacks.extend(extra_callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return cfg, datamodule, module, trainer
 
 
@@ -87,11 +87,10 @@ def test_sigterm_then_resume_equals_uninterrupted_run(small_demo_root, tmp_path)
     with pytest.raises(SystemExit):  # Lightning's SIGTERMException, raised between two steps
         fit(overrides, [SigtermAt(3)])
     saved = run_dir / "checkpoints" / "interrupted.ckpt"
-    assert torch.load(saved, map_location="cpu", weights_only=False)["global_step"] == 3
+    assert torch.load(saved, map_location="cpu", weights_only=True)["global_step"] == 3
 
-    cfg = compose_cfg(overrides)
-    assert resolve_resume_path(cfg) == str(saved)
-    _, _, resumed, trainer = fit(overrides, ckpt_path=resolve_resume_path(cfg))
+    assert find_resume_checkpoint(run_dir).path == saved
+    _, _, resumed, trainer = fit(overrides, ckpt_path=saved)
 
     assert trainer.global_step == ref_trainer.global_step == steps
     assert_same(reference.state_dict(), resumed.state_dict(), "weights (experts, gate, CLUB estimator)")
@@ -121,15 +120,11 @@ def test_same_seed_same_weights_and_metrics(small_demo_root, tmp_path):
 
 
 def test_resume_path_rules(tmp_path):
-    cfg = compose_cfg(["experiment=demo", f"paths.output_dir={tmp_path}", "ckpt_path=last"])
-    assert resolve_resume_path(cfg) is None  # first try of a requeued job: nothing to resume yet
+    assert find_resume_checkpoint(tmp_path) is None  # first try of a requeued job: nothing to resume yet
     (tmp_path / "checkpoints").mkdir()
     last = tmp_path / "checkpoints" / "last.ckpt"
-    last.write_bytes(b"")
     hpc = tmp_path / "hpc_ckpt_2.ckpt"
-    hpc.write_bytes(b"")
+    for path in (last, hpc):
+        torch.save({"state_dict": {"net.w": torch.zeros(1)}, "global_step": 2}, path)
     os.utime(last, (1, 1))  # the SLURM requeue checkpoint is newer
-    assert resolve_resume_path(cfg) == str(hpc)
-    cfg = compose_cfg(["experiment=demo", f"paths.output_dir={tmp_path}", f"ckpt_path={tmp_path / 'absent.ckpt'}"])
-    with pytest.raises(FileNotFoundError, match="absent.ckpt"):
-        resolve_resume_path(cfg)
+    assert find_resume_checkpoint(tmp_path).path == hpc

@@ -84,7 +84,8 @@ def test_demo_train_test_and_original_checkpoint(small_demo_root, tmp_path):
     overlays = sorted((train_dir / "overlays" / "demo__widget").glob("*.png"))
     assert len(overlays) == 6 and Image.open(overlays[0]).size == (4 * 256, 256)  # image, gt, heat, predicted mask
     calibration = json.loads((train_dir / "calibration.json").read_text())
-    assert torch.load(train_dir / "checkpoints" / "last.ckpt", weights_only=False)["calibration"] == calibration
+    assert torch.load(train_dir / "checkpoints" / "last.ckpt", weights_only=True)["calibration"] == calibration
+    assert report["checkpoint"] == {"path": str(train_dir / "checkpoints" / "last.ckpt"), "global_step": 4}
     metrics = (train_dir / "csv" / "metrics.csv").read_text()
     for column in ("train/patch", "train/global", "train/component", "train/esb", "train/eir", "train/estimator"):
         assert column in metrics
@@ -106,7 +107,7 @@ def test_demo_train_test_and_original_checkpoint(small_demo_root, tmp_path):
     assert 0 <= decision["false_positive_rate"] <= 1 and 0 <= decision["true_positive_rate"] <= 1
 
     # So does the same network saved with the original's key names (like model_final.pth).
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     net = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
     original = tmp_path / "model_final.pth"
     torch.save({f"module.{k}": v for k, v in ours_to_original(net).items()}, original)

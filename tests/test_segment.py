@@ -110,7 +110,7 @@ def test_training_refuses_to_start_without_component_masks(tmp_path):
         run(cfg)
     with pytest.raises(DataError, match=r"is null.*mode=segment.*num_component_experts=0"):
         run(compose_cfg([*base, "dataset.component_masks=null"]))
-    from src.tasks import require_component_masks
+    from src.build import require_component_masks
 
     require_component_masks(compose_cfg([*base, "model.num_component_experts=0"]))  # no error
 
@@ -243,8 +243,8 @@ def test_segment_then_train_from_the_command_line(small_demo_root, tmp_path):
     from tests.test_run import run_cli
 
     masks = tmp_path / "masks"
-    common = [*small_demo_overrides(small_demo_root), f"segment.output={masks}"]
-    proc = run_cli(*common, "mode=segment", "segment.features=color", "segment.image_size=96",
+    common = small_demo_overrides(small_demo_root)
+    proc = run_cli(*common, "mode=segment", f"segment.output={masks}", "segment.features=color", "segment.image_size=96",
                    f"paths.output_dir={tmp_path / 'segment'}")
     assert "| widget | 20 | 20 | 0 | 3 | 1 |" in proc.stdout
     run_cli(*common, f"dataset.component_masks={masks}", "trainer.max_steps=2", "trainer.log_every_n_steps=1",

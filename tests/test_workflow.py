@@ -35,7 +35,7 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def net_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     return {k: v for k, v in state["state_dict"].items() if k.startswith("net.")} | {"step": state["global_step"]}
 
 
@@ -123,8 +123,8 @@ def test_multirun_sweep_on_the_demo_with_offline_wandb(tmp_path):
     records = read_wandb_records(run_file)
     history = {item.key or "/".join(item.nested_key) for r in records if r.HasField("history") for item in r.history.item}
     for key in ("train/patch", "train/global", "train/component", "train/esb", "train/eir", "train/estimator",
-                "train/lr", "train/grad_norm", "train/router_entropy", "train/load_p0", "train/load_c1",
-                "train/routing/demo/g1", "val/image_auroc", "test/results", "test/overlays/demo__fabric", "test/overlays/demo__widget"):
+                "train/lr", "train/grad_norm", "train/router_entropy", "train/load_patch0", "train/load_component1",
+                "train/routing/demo/global1", "val/image_auroc", "test/results", "test/overlays/demo__fabric", "test/overlays/demo__widget"):
         # media (tables, images) are logged as nested keys: test/results/_type, ...
         assert key in history or f"{key}/_type" in history, f"{key} not logged; logged: {sorted(history)}"
     config = {u.key: json.loads(u.value_json) for r in records if r.HasField("config") for u in r.config.update}

@@ -8,8 +8,10 @@ For every class (and for all classes pooled, key ``all``), over the normal calib
   protocol's maps normalised by ``low`` / ``high``. An image whose score is at or above the
   threshold is called anomalous.
 
-The calibration travels inside Lightning checkpoints (key ``calibration``) and in
-``calibration.json`` of a run folder.
+It is computed by :meth:`src.module.AnomalyMoEModule.calibrate` (at the end of a fit, before a
+test of weights without one, in ``mode=predict``), travels inside Lightning checkpoints (key
+``calibration``; ``last.ckpt`` holds the final weights' calibration) and is copied to
+``calibration.json`` in the run folder that computed it.
 """
 
 from __future__ import annotations
@@ -84,11 +86,3 @@ class Calibration:
     def load(cls, path: Path) -> Calibration:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
-
-def attach_to_checkpoint(ckpt_path: Path, calibration: Calibration) -> None:
-    """Store ``calibration`` in a Lightning checkpoint file (key ``calibration``), in place."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    checkpoint["calibration"] = calibration.to_dict()
-    tmp = ckpt_path.with_suffix(".tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(ckpt_path)

@@ -4,7 +4,7 @@ Formats handled (each through exactly one mapping function):
 
 * Meta DINOv2 ``.pth`` (``dinov2_vitb14_reg4_pretrain.pth``): ``cls_token``, ``pos_embed`` with
   the CLS entry (1 + M*M), ``register_tokens``, ``mask_token``, ``blocks.{i}.*``
-  -> :func:`meta_dinov2_to_timm`.
+  -> :func:`meta_dinov2_to_timm` (timm's own DINOv2 conversion, plus what it lacks).
 * timm DINOv2 weights (``model.safetensors`` / ``pytorch_model.bin``): used as they are.
 * The original AnomalyMoE state dict (``model_final.pth``; SPEC section 9), with or without a
   ``module.`` prefix -> :func:`original_to_ours`; :func:`ours_to_original` goes back.
@@ -15,11 +15,15 @@ Nothing is ever loaded with ``strict=False``: a missing, unexpected or mis-shape
 
 from __future__ import annotations
 
+import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from timm.models.vision_transformer import _convert_dinov2
 from torch import Tensor, nn
 
 ORIGINAL_GROUPS = ("patch_experts", "global_experts", "component_experts")
@@ -29,25 +33,61 @@ class CheckpointError(RuntimeError):
     """A checkpoint does not fit the model it is loaded into."""
 
 
-def read_state_file(path: Path) -> dict[str, Tensor]:
+def load_file(path: str | Path, what: str = "checkpoint", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain Python values only, never code.
+
+    A file that holds other objects (whose unpickling could run code) is refused, and so is a
+    file that is not a complete PyTorch file; both raise :class:`CheckpointError` naming ``what``
+    (e.g. ``ckpt_path``) and the file. ``mmap``: tensors stay in the file until used.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}={path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{what}={path} is not a complete PyTorch file ({path.stat().st_size} bytes): it is truncated (e.g. "
+            "a crash while it was written), not a checkpoint, or in the legacy pre-1.6 format (re-save it with "
+            "torch.save in a current PyTorch)"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "")
+        raise CheckpointError(
+            f"refusing to load {what}={path}: it holds Python objects other than tensors and plain values, and "
+            f"unpickling them could run code ({detail or 'unsupported object'}). Checkpoints written by this "
+            "project never hold such objects; only load files you trust, and re-save them as a state dict of "
+            "tensors (torch.save(model.state_dict(), path))"
+        ) from None
+    except (EOFError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"cannot read {what}={path}: {type(err).__name__}: {err}; the file is damaged "
+                              "or not a PyTorch checkpoint") from None
+
+
+def read_state_file(path: Path, what: str = "checkpoint") -> dict[str, Tensor]:
     """Read a state dict from ``.pth``/``.pt``/``.bin``/``.ckpt`` or ``.safetensors``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        raise FileNotFoundError(f"{what}={path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file as load_safetensors
 
-            obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
-    for wrapper in ("state_dict", "model"):  # Lightning .ckpt / some training scripts
+        try:
+            obj = load_safetensors(str(path))
+        except Exception as err:
+            raise CheckpointError(f"could not read {what}={path}: {type(err).__name__}: {err}") from err
+    else:
+        obj = load_file(path, what)
+    return state_dict_of(obj, path, what)
+
+
+def state_dict_of(obj: Any, path: Path, what: str = "checkpoint") -> dict[str, Tensor]:
+    """The state dict inside a loaded file (Lightning's ``state_dict``, some scripts' ``model``)."""
+    for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
             obj = obj[wrapper]
     if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+        raise CheckpointError(f"{what}={path} does not hold a state dict of tensors")
     return dict(obj)
 
 
@@ -84,25 +124,21 @@ def is_meta_dinov2(state_dict: Mapping[str, Tensor]) -> bool:
 
 
 def meta_dinov2_to_timm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Meta DINOv2 (registers) keys -> timm ``no_embed_class`` keys (SPEC 2.7).
+    """Meta DINOv2 (registers) keys -> timm ``no_embed_class`` keys (SPEC 2.7), by timm's own conversion.
 
-    The CLS entry of the position table is folded into ``cls_token`` (timm adds no position
-    to prefix tokens); ``mask_token`` is unused and dropped; chunked ``blocks.c.i`` are flattened.
+    timm's ``_convert_dinov2`` (what its ``checkpoint_filter_fn`` runs on Meta checkpoints) drops the
+    unused ``mask_token``, renames ``register_tokens``, folds the CLS entry of the position table into
+    ``cls_token`` (timm adds no position to prefix tokens) and renames SwiGLU layers. Its
+    ``checkpoint_filter_fn`` is not called: it would silently resample a position table or patch
+    embedding of another size, which the strict checks of :func:`check_and_load` report instead.
+    Added here: Meta's chunked ``blocks.c.i.`` keys are flattened, and the CLS fold is summed in fp32
+    (an fp16 checkpoint would otherwise round the folded CLS token).
     """
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        if key == "mask_token":
-            continue
-        if key == "register_tokens":
-            out["reg_token"] = value
-        elif key == "cls_token":
-            # summed in fp32: fp16 checkpoints would otherwise round the folded CLS token
-            out["cls_token"] = value.float() + state_dict["pos_embed"][:, :1].float()
-        elif key == "pos_embed":
-            out["pos_embed"] = value[:, 1:]
-        else:
-            out[re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)] = value
-    return out
+    state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key): value for key, value in state_dict.items()}
+    for key in ("cls_token", "pos_embed"):
+        if key in state:
+            state[key] = state[key].float()
+    return _convert_dinov2(state, None)  # pops from the dict it is given: ``state`` is our copy
 
 
 def timm_to_meta_dinov2(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -125,7 +161,7 @@ def timm_to_meta_dinov2(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def load_backbone_file(vit: nn.Module, path: Path) -> None:
     """Load DINOv2 weights from a Meta ``.pth``, a timm file or a full AnomalyMoE checkpoint."""
-    state = strip_prefix(read_state_file(path), "module.")
+    state = strip_prefix(read_state_file(path, "model.backbone.weights"), "module.")
     if any(k.startswith("encoder.") for k in state):  # a whole AnomalyMoE checkpoint
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
         state = strip_prefix(state, "vit.")

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def export_original(ckpt_path: str | Path, out_path: str | Path) -> Path:
     """Read a Lightning ``.ckpt`` of this project and save its network under the original's key names."""
-    state = read_state_file(Path(ckpt_path).expanduser())
+    state = read_state_file(Path(ckpt_path).expanduser(), "ckpt_path")
     net = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
     if not net:
         raise CheckpointError(
@@ -35,7 +35,5 @@ def export_original(ckpt_path: str | Path, out_path: str | Path) -> Path:
 
 def run(cfg: DictConfig) -> None:
     """Export ``ckpt_path`` to ``export.path`` (default ``<run folder>/model_final.pth``)."""
-    if not cfg.get("ckpt_path"):
-        raise ValueError("mode=export needs ckpt_path=<a .ckpt written by mode=train>")
     out = export_original(cfg.ckpt_path, cfg.export.path)
     log.info("Wrote %s (original key names) from %s", out, cfg.ckpt_path)

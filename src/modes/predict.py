@@ -6,7 +6,9 @@ Every image is scored with the inductive protocol (maps normalised by the statis
 training images, :mod:`src.evaluation.calibration`) and called anomalous when its score reaches
 the calibration's threshold. The statistics come from the checkpoint (``mode=train`` stores them
 in ``last.ckpt``); when it has none, or with ``evaluation.recalibrate=true``, they are computed
-from the configured dataset's normal training images and saved as ``calibration.json``.
+(:meth:`src.module.AnomalyMoEModule.calibrate`) from the configured dataset's normal training
+images and saved as ``calibration.json``. A checkpoint of this project also gives the model and
+the preprocessing (:mod:`src.checkpoints`), so ``ckpt_path`` and ``predict.input`` are all it needs.
 
 Writes to ``predict.output_dir``: ``predictions.json`` (every image's score and decision, the
 images that could not be read and why, the files that are not images) and one heat-map PNG per
@@ -21,17 +23,16 @@ import logging
 from pathlib import Path
 
 import torch
-from lightning import LightningDataModule
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.base import IMAGE_EXTENSIONS, AnomalyTransforms, DataError, collate_samples, open_image
 from data_modules.components import read_component_masks
-from src.evaluation.calibration import Calibration
+from src.build import build_module
+from src.checkpoints import load_weights, read_checkpoint
+from src.errors import ConfigError
 from src.evaluation.report import expert_names
 from src.evaluation.visualize import fit_image, render_panels
-from src.module import AnomalyMoEModule
-from src.tasks import build_module, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -98,20 +99,6 @@ def _relative(path: Path, root: Path) -> Path:
     return path.relative_to(root) if root.is_dir() and path.is_relative_to(root) else Path(path.name)
 
 
-def calibrate(module: AnomalyMoEModule, datamodule: LightningDataModule, device: torch.device) -> Calibration:
-    """The normal-image calibration from the datamodule's normal training images (one process)."""
-    calibrator = module.calibrator
-    calibrator.reset()
-    calibrator.class_keys = list(datamodule.test_class_keys)
-    for batch in datamodule.normal_dataloader(calibrator.images_per_class):
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with torch.no_grad():
-            calibrator.update(module.anomaly_maps(batch), batch)
-    calibration = calibrator.evaluate()
-    calibrator.reset()
-    return calibration
-
-
 def _heatmap_name(path: Path, root: Path, used: set[str]) -> str:
     name = "__".join(_relative(path, root).with_suffix("").parts)
     candidate, i = f"{name}.png", 1
@@ -124,35 +111,36 @@ def _heatmap_name(path: Path, root: Path, used: set[str]) -> str:
 def run(cfg: DictConfig) -> float | None:
     """Score ``predict.input``; returns the fraction of readable images called anomalous."""
     settings = cfg.predict
-    if not cfg.get("ckpt_path"):
-        raise ValueError("mode=predict needs ckpt_path=<Lightning .ckpt or original model_final.pth>")
     if not settings.get("input"):
-        raise ValueError("mode=predict needs predict.input=<an image file or a folder of images>")
+        raise ConfigError("mode=predict needs predict.input=<an image file or a folder of images>")
     root = Path(settings.input).expanduser()
     images, others = list_inputs(root, settings.recursive)
+    checkpoint = read_checkpoint(cfg.ckpt_path)
     datamodule, module = build_module(cfg)
-    kind = load_weights(module, cfg.ckpt_path)
+    load_weights(module, checkpoint, calibration=not cfg.evaluation.recalibrate)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu" else "cpu")
     module.to(device).eval()
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     source = "checkpoint"
-    if module.calibration is None or cfg.evaluation.recalibrate:
-        log.info("Computing the normal-image calibration from dataset '%s'", getattr(datamodule, "name", "?"))
-        module.calibration = calibrate(module, datamodule, device)
-        source = f"computed from the normal training images of dataset '{getattr(datamodule, 'name', '?')}'"
+    if module.calibration is None:
+        name = getattr(datamodule, "name", "?")
+        log.info("Computing the normal-image calibration from dataset '%s'", name)
+        module.calibrate(datamodule)
+        source = f"computed from the normal training images of dataset '{name}'"
         module.calibration.save(out / "calibration.json")
     calibration = module.calibration
     try:
         stats = calibration.get(settings.class_key)
     except KeyError as err:
-        raise ValueError(f"predict.class_key={settings.class_key!r}: {err.args[0]}") from err
+        raise ConfigError(f"predict.class_key={settings.class_key!r}: {err.args[0]}") from err
     notes = list(calibration.notes)
     mask_root = Path(settings.component_masks).expanduser() if settings.get("component_masks") else None
-    if mask_root is None and getattr(datamodule, "component_root", None) is not None:
-        notes.append("the calibration images had component masks and these inputs have none (predict.component_masks): "
-                     "their component map is 0, so their scores can be lower than those of the calibration images")
+    if mask_root is None and module.net.num_experts[2] > 0:
+        notes.append("the model has component experts and these inputs have no component masks "
+                     "(predict.component_masks): their component map is 0, so their scores can be lower than "
+                     "those of the calibration images")
 
     transforms = getattr(datamodule, "transforms", None) or AnomalyTransforms()
     dataset = ImageFiles(images, transforms, root, mask_root)
@@ -184,8 +172,9 @@ def run(cfg: DictConfig) -> float | None:
 
     flagged = sum(r["anomalous"] for r in results)
     summary = {
-        "checkpoint": str(cfg.ckpt_path),
-        "checkpoint_format": kind,
+        "checkpoint": str(checkpoint.path),
+        "checkpoint_format": checkpoint.kind,
+        "checkpoint_step": checkpoint.global_step,
         "input": str(root),
         "protocol": "inductive",
         "statistics": {"class_key": settings.class_key or "all", "source": source, "threshold": stats.threshold,

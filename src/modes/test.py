@@ -6,17 +6,22 @@ import logging
 
 from omegaconf import DictConfig
 
-from src.tasks import build_components, load_weights, mean_metric, run_test
+from src.build import build_components
+from src.checkpoints import load_weights, read_checkpoint
+from src.modes.train import logged_metric
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> float | None:
-    """Evaluate ``ckpt_path``: a checkpoint of this project or the original ``model_final.pth``."""
-    if not cfg.get("ckpt_path"):
-        raise ValueError("mode=test needs ckpt_path=<Lightning .ckpt or original model_final.pth>")
+    """Evaluate ``ckpt_path``: a checkpoint of this project (its model rebuilt from the checkpoint,
+    :func:`src.entry.use_checkpoint`) or the original ``model_final.pth``. The test uses the
+    checkpoint's calibration, or computes one first when it has none (or with
+    ``evaluation.recalibrate=true``). Returns the mean test image AUROC."""
+    checkpoint = read_checkpoint(cfg.ckpt_path)
     datamodule, module, trainer = build_components(cfg)
-    kind = load_weights(module, cfg.ckpt_path)
-    log.info("Loaded %s checkpoint %s", kind, cfg.ckpt_path)
-    run_test(trainer, module, datamodule, cfg)
-    return mean_metric(trainer)
+    load_weights(module, checkpoint, calibration=not cfg.evaluation.recalibrate)
+    log.info("Testing %s (%s format, step %s) with the %s protocol", checkpoint.path, checkpoint.kind,
+             checkpoint.global_step, module.evaluator.protocol)
+    trainer.test(module, datamodule=datamodule, verbose=False)  # the ResultsWriter prints the tables
+    return logged_metric(trainer, "test/image_auroc")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from src.models.checkpoint import load_file
 from src.segment.features import DenseFeatures, state_fingerprint
 from src.segment.parts import Prototypes, fit_prototypes
 
@@ -77,8 +78,8 @@ def load_sam(checkpoint: str | None, model_type: str = "vit_b", arch: dict | Non
     if not path.is_file():
         raise FileNotFoundError(f"segment.sam_checkpoint={path} does not exist: download a {model_type} checkpoint "
                                 f"from {SAM_CHECKPOINTS}")
+    state = load_file(path, "segment.sam_checkpoint")  # before building: a refused file costs nothing
     sam = build_sam(model_type, arch)
-    state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("model", state) if isinstance(state, dict) else state
     expected = sam.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

@@ -1,0 +1,29 @@
+"""User errors: mistakes in the data, a checkpoint or the configuration that the user can fix.
+
+``run.py`` prints them as one message (no traceback; ``HYDRA_FULL_ERROR=1`` shows it); every
+other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from data_modules.base import DataError
+from src.models.checkpoint import CheckpointError
+
+
+class ConfigError(ValueError):
+    """A config value is missing, invalid or contradicts a checkpoint; the message names the key."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError)
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The user error behind ``err`` (itself, or what it was raised from, e.g. inside Hydra's
+    ``instantiate``), or None when ``err`` is not one."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, USER_ERRORS):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
