@@ -92,5 +92,6 @@ def test_command_line_resolves_a_mode_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["mode"] == "segment" and cfg["segment"]["k_per_class"] == {"widget": 4}
-    assert cfg["segment"]["output"].endswith("data/components/demo")
+    assert cfg["segment"]["output"] is None  # each dataset's own folder; the demo's: its segment_output
+    assert cfg["dataset"]["sources"]["demo"]["segment_output"].endswith("data/components/demo")
     assert not {"predict", "benchmark", "export"} & set(cfg)

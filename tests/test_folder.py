@@ -151,12 +151,12 @@ def test_segment_writes_where_training_reads(tmp_path):
     from src.modes.segment import output_folders
 
     source = own_images(tmp_path / "mine", normals=4, types={"bad": 1})
-    cfg = compose_cfg(["experiment=demo", "dataset=folder", f"dataset.source={source}",
+    cfg = compose_cfg(["mode=segment", "experiment=demo", "dataset=folder", f"dataset.source={source}",
                        f"paths.data_dir={tmp_path / 'data'}"])
     dm = instantiate(cfg.dataset)
     ((_, written),) = output_folders(cfg, dm).values()
     assert written == dm.modules["folder"].component_folder
-    demo = compose_cfg(["experiment=demo", f"paths.data_dir={tmp_path / 'data'}"])
+    demo = compose_cfg(["mode=segment", "experiment=demo", f"paths.data_dir={tmp_path / 'data'}"])
     ((_, written),) = output_folders(demo, instantiate(demo.dataset)).values()
     assert written == tmp_path / "data" / "components" / "demo"  # the demo's true masks are kept
 
