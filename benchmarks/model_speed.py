@@ -267,7 +267,7 @@ def run_benchmark(build_net: NetBuilder, settings: BenchmarkSettings) -> dict:
     reference = nets[settings.structures[0]].state_dict()
     for net in nets.values():
         net.load_state_dict(reference)
-    results: dict = {"settings": dict(settings.__dict__), "device": _describe(device), "inference": {},
+    results: dict = {"settings": dict(settings.__dict__), "device": describe_device(device), "inference": {},
                      "training": {}, "max_output_diff": {}}
 
     for b in settings.infer_batch_sizes:
@@ -327,7 +327,8 @@ def run_benchmark(build_net: NetBuilder, settings: BenchmarkSettings) -> dict:
     return results
 
 
-def _describe(device: torch.device) -> str:
+def describe_device(device: torch.device) -> str:
+    """The GPU's name, or the CPU's cores and torch threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     import os
@@ -439,11 +440,11 @@ DETAILED_INTRO = (
     "Rows appended by `benchmarks/gpu.sh` (`python run.py mode=benchmark benchmark=gpu`, then a training run "
     "through `run.py`, `mode=test` on its checkpoint and the parity test on the GPU). Backbone weights are "
     "random (`model.backbone.weights=random`: no download on the GPU machine); speed and memory do not depend "
-    "on them. Peak memory is the allocator's peak above the resident weights and inputs. \"compile, cl\": "
-    "`torch.compile` of every expert and channels-last global experts."
+    "on them. Peak memory is the allocator's peak above the resident weights and inputs. \"speed options\": "
+    "`compile` = `torch.compile` of every patch and global expert, `cl` = channels-last global experts."
 )
 DETAILED_HEADER = (
-    "| date | benchmark | device | weights | precision | compile, cl | measurement | batch | images/s | "
+    "| date | benchmark | device | weights | precision | speed options | measurement | batch | images/s | "
     "peak MiB | notes |"
 )
 
@@ -476,7 +477,7 @@ def detailed_row(benchmark: str, device: str, precision: str, accelerated: str, 
 def append_detailed_rows(results: dict, path: Path) -> None:
     """One row per measurement (inference per structure and batch size, training per structure)."""
     s = results["settings"]
-    accelerated = "yes" if s["compile_experts"] or s["channels_last"] else "no"
+    accelerated = " + ".join(n for n, on in (("compile", s["compile_experts"]), ("cl", s["channels_last"])) if on) or "no"
     common = (s["name"], results["device"], s["precision"], accelerated)
     r = ratios(results)
     rows = []

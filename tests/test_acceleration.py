@@ -27,3 +27,24 @@ def test_module_without_speed_options_leaves_the_model_alone():
     module.configure_model()
     assert not module.net.global_experts[0]._forward_pre_hooks
     assert all(e._compiled_call_impl is None for e in module.net.patch_experts)
+
+
+def test_inference_and_training_under_bf16_autocast(seeded):
+    """bf16 autocast (trainer.precision=bf16-mixed, benchmark.precision=bf16): float32 maps close to fp32's."""
+    from tests.conftest import random_masks
+
+    model = tiny_model(top_k=3).eval()
+    image = torch.randn(3, 3, 56, 56)
+    masks, counts = random_masks(3, 56, [2, 0, 1])
+    with torch.no_grad():
+        expected = model(image, None, masks, counts)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(image, None, masks, counts)
+    for name in ("map_patch", "map_global", "map_component"):
+        value = getattr(got, name)
+        assert value.dtype == torch.float32 and torch.isfinite(value).all(), name
+        torch.testing.assert_close(value, getattr(expected, name), atol=0.05, rtol=0.1, msg=name)
+    module = AnomalyMoEModule(model.train())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = module.objective(model.forward_train(image, None, masks, counts))
+    assert torch.isfinite(terms.loss) and torch.isfinite(terms.estimator)

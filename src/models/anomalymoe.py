@@ -290,26 +290,27 @@ class AnomalyMoE(nn.Module):
         (w_p, w_g, w_k), (mask_p, mask_g, mask_k) = self.split(weights), self.split(mask)
         en_map = tokens_to_map(fuse(taps, self.fuse_groups_eval)[-1], prefix, grid)
 
+        # Maps accumulate in the input's dtype; under bf16 autocast the expert outputs are bf16.
         map_p = image.new_zeros(b, *grid)
         for i, run in enumerate(self._patch_runs(taps, self.fuse_groups_eval, mask_p, grid)):
             if run is not None:
                 distance = 1 - F.cosine_similarity(en_map[run.rows], run.de_maps[-1], dim=1)  # (n, h, w)
-                map_p.index_add_(0, run.rows, w_p[run.rows, i, None, None] * distance)
+                map_p.index_add_(0, run.rows, (w_p[run.rows, i, None, None] * distance).to(map_p.dtype))
 
         map_g = image.new_zeros(b, *grid)
         for j, run in enumerate(self._global_runs(image_ae, mask_g, grid)):
             if run is not None:
                 distance = (run.autoencoder - run.student).pow(2).mean(dim=1)  # (n, h, w)
-                map_g.index_add_(0, run.rows, w_g[run.rows, j, None, None] * distance)
+                map_g.index_add_(0, run.rows, (w_g[run.rows, j, None, None] * distance).to(map_g.dtype))
 
         map_k = image.new_zeros(b, 1, height, width)
         features, image_index = self._components(taps, masks, num_masks, grid)
         if features.shape[0]:
-            scores = features.new_zeros(features.shape[0])
+            scores = features.new_zeros(features.shape[0], dtype=image.dtype)  # accumulated in the input's dtype
             for m, run in enumerate(self._component_runs(features, image_index, mask_k)):
                 if run is not None:
                     distance = 1 - F.cosine_similarity(run.reconstruction, features[run.rows], dim=1)
-                    scores.index_add_(0, run.rows, w_k[image_index[run.rows], m] * distance)
+                    scores.index_add_(0, run.rows, (w_k[image_index[run.rows], m] * distance).to(scores.dtype))
             per_mask = masks.new_zeros(masks.shape[:2], dtype=scores.dtype)  # (B, K), padding scores 0
             valid = torch.arange(masks.shape[1], device=masks.device)[None] < num_masks[:, None]
             per_mask[valid] = scores
