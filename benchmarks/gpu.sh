@@ -63,28 +63,37 @@ fi
 START=$SECONDS
 echo "benchmarks/gpu.sh: run folder $OUT, rows to $FILE" >&2
 
+# A failed step writes a FAILED row and the script goes on to the next one (exit status 1 at the end).
+STATUS=0
+failed() {  # failed <measurement> <exit status> <log>
+  STATUS=1
+  "$PYTHON" benchmarks/gpu_checks.py failed --file "$FILE" --benchmark "$NAME" --measurement "$1" --rc "$2" --log "$3"
+}
+
 # 1. Speed and memory, every variant of conf/benchmark/gpu.yaml in one process.
 "$PYTHON" run.py mode=benchmark benchmark=gpu benchmark.name="$NAME" benchmark.file="$FILE" \
-  "${BENCH[@]}" hydra.run.dir="$OUT/benchmark"
+  "${BENCH[@]}" hydra.run.dir="$OUT/benchmark" || failed "mode=benchmark benchmark=gpu" $? "$OUT/benchmark/run.log"
 
 # 2. and 3. A short training run of the model through the real entry point, then mode=test on it.
 DATA="$OUT/data"
 COMMON=(dataset=demo "dataset.root=$DATA" "dataset.component_masks=$DATA/components_true" model.backbone.weights=random
         seed=0 logger=csv evaluation.calibration.images_per_class=8 "${RUN[@]}")
 T0=$SECONDS
+# (the checks below find what a failed run did not write)
 "$PYTHON" run.py "${COMMON[@]}" trainer.max_steps="$STEPS" trainer.log_every_n_steps=1 \
-  module.scheduler.warmup_steps=5 hydra.run.dir="$OUT/train"
-"$PYTHON" run.py mode=test "${COMMON[@]}" ckpt_path="$OUT/train/checkpoints/last.ckpt" hydra.run.dir="$OUT/test"
+  module.scheduler.warmup_steps=5 hydra.run.dir="$OUT/train" || STATUS=1
+"$PYTHON" run.py mode=test "${COMMON[@]}" ckpt_path="$OUT/train/checkpoints/last.ckpt" hydra.run.dir="$OUT/test" \
+  || STATUS=1
 "$PYTHON" benchmarks/gpu_checks.py training --file "$FILE" --benchmark "$NAME" --train-dir "$OUT/train" \
-  --test-dir "$OUT/test" --steps "$STEPS" --batch "$BATCH" --seconds $((SECONDS - T0)) "${FALLING[@]}"
+  --test-dir "$OUT/test" --steps "$STEPS" --batch "$BATCH" --seconds $((SECONDS - T0)) "${FALLING[@]}" || STATUS=1
 
 # 4. The parity test with the model on this device.
-set +e
+PARITY_RC=0
 ANOMALYMOE_PARITY_DEVICE="$PARITY_DEVICE" ANOMALYMOE_REQUIRE_FIXTURES=1 \
-  "$PYTHON" -m pytest tests/test_parity.py -q -p no:cacheprovider "${PARITY[@]}" > "$OUT/parity.log" 2>&1
-PARITY_RC=$?
-set -e
-"$PYTHON" benchmarks/gpu_checks.py parity --file "$FILE" --benchmark "$NAME" --log "$OUT/parity.log" --rc "$PARITY_RC"
+  "$PYTHON" -m pytest tests/test_parity.py -q -p no:cacheprovider "${PARITY[@]}" > "$OUT/parity.log" 2>&1 || PARITY_RC=$?
+"$PYTHON" benchmarks/gpu_checks.py parity --file "$FILE" --benchmark "$NAME" --log "$OUT/parity.log" \
+  --rc "$PARITY_RC" || STATUS=1
 
 "$PYTHON" benchmarks/gpu_checks.py total --file "$FILE" --benchmark "$NAME" --seconds $((SECONDS - START))
-echo "benchmarks/gpu.sh: done in $((SECONDS - START)) s; rows in $FILE" >&2
+echo "benchmarks/gpu.sh: done in $((SECONDS - START)) s; rows in $FILE$([[ $STATUS == 0 ]] || echo "; a step FAILED")" >&2
+exit "$STATUS"

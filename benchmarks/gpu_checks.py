@@ -3,6 +3,7 @@
     python benchmarks/gpu_checks.py training --train-dir RUN --test-dir RUN --steps 50 --file BENCHMARKS.md
     python benchmarks/gpu_checks.py parity --log pytest.log --rc 0 --file BENCHMARKS.md
     python benchmarks/gpu_checks.py total --seconds 300 --file BENCHMARKS.md
+    python benchmarks/gpu_checks.py failed --measurement "mode=benchmark" --rc 1 --log run.log --file BENCHMARKS.md
 
 ``training``: the training run's logged ``train/loss`` (``<train-dir>/csv/metrics.csv``) has one
 finite value per step and, with ``--require-falling``, its last fifth averages below its first
@@ -66,7 +67,7 @@ def check_training(args: argparse.Namespace) -> tuple[list[str], str]:
     else:
         problems.append(f"mode=test on last.ckpt wrote no {results}")
     notes = (f"{len(losses)} steps, train/loss {first:.4g} (first {fifth}) -> {last:.4g} (last {fifth}); "
-             f"last.ckpt loaded by mode=test, image AUROC {auroc if auroc is None else f'{auroc:.3f}'}")
+             f"mode=test on last.ckpt: image AUROC {'none' if auroc is None else f'{auroc:.3f}'}")
     if args.seconds is not None:
         notes += f"; {args.seconds:.0f} s training + test"
     return problems, notes
@@ -74,7 +75,7 @@ def check_training(args: argparse.Namespace) -> tuple[list[str], str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("check", choices=["training", "parity", "total"])
+    parser.add_argument("check", choices=["training", "parity", "total", "failed"])
     parser.add_argument("--file", type=Path, required=True, help="the BENCHMARKS.md to append to")
     parser.add_argument("--benchmark", default="gpu", help="the benchmark column (gpu, gpu_dry_run)")
     parser.add_argument("--precision", default="fp32")
@@ -84,8 +85,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--require-falling", action="store_true")
     parser.add_argument("--seconds", type=float, help="wall time to report")
-    parser.add_argument("--log", type=Path, help="parity: the pytest output")
-    parser.add_argument("--rc", type=int, default=0, help="parity: pytest's exit status")
+    parser.add_argument("--log", type=Path, help="parity: the pytest output; failed: the step's log")
+    parser.add_argument("--rc", type=int, default=0, help="parity, failed: the step's exit status")
+    parser.add_argument("--measurement", help="failed: the step")
     args = parser.parse_args()
 
     problems: list[str] = []
@@ -99,6 +101,10 @@ def main() -> None:
         if args.rc != 0 or "passed" not in notes or "skipped" in notes:
             problems.append(f"parity test: {notes} (exit status {args.rc})")
         measurement, args.batch = "parity test (tests/test_parity.py) on this device", "4"
+    elif args.check == "failed":
+        problems.append(f"exit status {args.rc}")
+        notes = f"see {args.log}"
+        measurement, args.batch = args.measurement, ""
     else:
         notes = f"{args.seconds:.0f} s wall for every step of benchmarks/gpu.sh"
         measurement, args.batch = "benchmarks/gpu.sh, all steps", ""
@@ -108,7 +114,7 @@ def main() -> None:
                        notes.replace("|", "/"))
     append_row(args.file, DETAILED_SECTION, DETAILED_INTRO, DETAILED_HEADER, row)
     print(row)
-    if problems:
+    if problems and args.check != "failed":
         sys.exit("; ".join(problems))
 
 

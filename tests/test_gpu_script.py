@@ -31,7 +31,7 @@ def test_gpu_script_dry_run_writes_every_row(tmp_path):
     assert measurements.count("training step, ours") == 2 and measurements.count("training step, original") == 1
     assert "| bf16 | cl |" in text and "| fp32 | no |" in text
     training = next(row for row in rows if "training run, run.py, 10 steps" in row)
-    assert "FAILED" not in training and "last.ckpt loaded by mode=test" in training
+    assert "FAILED" not in training and "mode=test on last.ckpt: image AUROC" in training
     parity = next(row for row in rows if "parity test" in row)
     assert "1 passed" in parity and "FAILED" not in parity
     assert measurements[-1] == "benchmarks/gpu.sh, all steps"
@@ -42,3 +42,49 @@ def test_gpu_script_dry_run_writes_every_row(tmp_path):
 def test_gpu_script_refuses_unknown_arguments():
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--fast"], capture_output=True, text=True)
     assert done.returncode == 2 and "usage: benchmarks/gpu.sh [--dry-run]" in done.stderr
+
+
+def _metrics(run: Path, losses: list[float]) -> None:
+    (run / "csv").mkdir(parents=True)
+    lines = ["epoch,step,train/loss"] + [f"0,{i},{v}" for i, v in enumerate(losses)]
+    (run / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def _checks(monkeypatch, *argv: str) -> None:
+    from benchmarks import gpu_checks
+
+    monkeypatch.setattr(sys, "argv", ["gpu_checks.py", *argv])
+    gpu_checks.main()
+
+
+def test_training_check_passes_a_falling_finite_run_and_reports_a_flat_one(tmp_path, monkeypatch):
+    file = tmp_path / "BENCHMARKS.md"
+    good, flat = tmp_path / "good", tmp_path / "flat"
+    _metrics(good, [1.0, 0.9, 0.7, 0.5, 0.4])
+    _metrics(flat, [0.5, 0.6, 0.5, float("nan"), 0.6])
+    for run in (good, flat):
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (good / "results.json").write_text('{"mean": {"image_auroc": 0.75}}')
+    _checks(monkeypatch, "training", "--file", str(file), "--train-dir", str(good), "--test-dir", str(good),
+            "--steps", "5", "--require-falling")
+    with pytest.raises(SystemExit, match="a loss is not finite; loss not falling"):
+        _checks(monkeypatch, "training", "--file", str(file), "--train-dir", str(flat), "--test-dir", str(flat),
+                "--steps", "5", "--require-falling")
+    rows = [line for line in file.read_text().splitlines() if line.startswith("| 20")]
+    assert "train/loss 1 (first 1) -> 0.4 (last 1)" in rows[0] and "image AUROC 0.750" in rows[0]
+    assert "FAILED" not in rows[0]
+    assert "FAILED: a loss is not finite; loss not falling" in rows[1] and "wrote no" in rows[1]
+
+
+def test_failed_step_and_parity_rows(tmp_path, monkeypatch):
+    file = tmp_path / "BENCHMARKS.md"
+    _checks(monkeypatch, "failed", "--file", str(file), "--measurement", "mode=benchmark benchmark=gpu", "--rc", "1",
+            "--log", "run.log")
+    log = tmp_path / "parity.log"
+    log.write_text("...F\n1 failed, 22 passed in 3.21s\n")
+    with pytest.raises(SystemExit, match="parity test: 1 failed, 22 passed in 3.21s"):
+        _checks(monkeypatch, "parity", "--file", str(file), "--log", str(log), "--rc", "1")
+    text = file.read_text()
+    assert "| mode=benchmark benchmark=gpu |" in text and "FAILED: exit status 1. see run.log" in text
+    assert "FAILED: parity test: 1 failed, 22 passed in 3.21s (exit status 1)" in text
