@@ -15,7 +15,9 @@
 #   benchmarks/gpu.sh --dry-run    the same steps on the CPU with a tiny model (about a minute);
 #                                  rows go to <run folder>/BENCHMARKS.md
 # Environment: GPU_BENCH_DRY_RUN=1 (same as --dry-run), GPU_BENCH_OUT (run folder, default
-# logs/gpu_bench/<UTC time>), BENCHMARKS_FILE (where rows go), PYTHON (interpreter, default python).
+# logs/gpu_bench/<UTC time>), BENCHMARKS_FILE (where rows go), PYTHON (interpreter, default python),
+# GPU_BENCH_LIMIT_S (seconds for step 1, default 300: a variant not finished by then is stopped;
+# the rows of the finished ones stay).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,8 +72,8 @@ failed() {  # failed <measurement> <exit status> <log>
   "$PYTHON" benchmarks/gpu_checks.py failed --file "$FILE" --benchmark "$NAME" --measurement "$1" --rc "$2" --log "$3"
 }
 
-# 1. Speed and memory, every variant of conf/benchmark/gpu.yaml in one process.
-"$PYTHON" run.py mode=benchmark benchmark=gpu benchmark.name="$NAME" benchmark.file="$FILE" \
+# 1. Speed and memory, every variant of conf/benchmark/gpu.yaml in one process (rows per variant).
+timeout -k 10 "${GPU_BENCH_LIMIT_S:-300}" "$PYTHON" run.py mode=benchmark benchmark=gpu benchmark.name="$NAME" benchmark.file="$FILE" \
   "${BENCH[@]}" hydra.run.dir="$OUT/benchmark" || failed "mode=benchmark benchmark=gpu" $? "$OUT/benchmark/run.log"
 
 # 2. and 3. A short training run of the model through the real entry point, then mode=test on it.

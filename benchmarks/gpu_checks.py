@@ -102,7 +102,7 @@ def main() -> None:
             problems.append(f"parity test: {notes} (exit status {args.rc})")
         measurement, args.batch = "parity test (tests/test_parity.py) on this device", "4"
     elif args.check == "failed":
-        problems.append(f"exit status {args.rc}")
+        problems.append(f"exit status {args.rc}" + (" (stopped at its time limit)" if args.rc in (124, 137) else ""))
         notes = f"see {args.log}"
         measurement, args.batch = args.measurement, ""
     else:
