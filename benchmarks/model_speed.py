@@ -64,6 +64,7 @@ INFERENCE_STEPS = {
 
 # build_net(net_class, **options) -> a model of the benchmark's configuration.
 NetBuilder = Callable[..., AnomalyMoE]
+ModuleBuilder = Callable[[type[AnomalyMoEModule], AnomalyMoE], AnomalyMoEModule]  # (module class, net) -> module
 
 
 # --------------------------------------------------------------------------- measuring
@@ -245,9 +246,10 @@ def _max_abs(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def run_benchmark(build_net: NetBuilder, settings: BenchmarkSettings) -> dict:
+def run_benchmark(build_net: NetBuilder, settings: BenchmarkSettings, build_module: ModuleBuilder) -> dict:
     """Measure inference and training of ``settings.structures``; ``build_net(net_class, **options)``
-    makes a model of the benchmark's configuration."""
+    makes a model of the benchmark's configuration, ``build_module(module_class, net)`` the Lightning
+    module whose training step is timed (with the run's loss weights and optimisers)."""
     device = _device(settings.device)
     if device.type == "cpu":
         release_freed_memory_to_os()
@@ -306,7 +308,7 @@ def run_benchmark(build_net: NetBuilder, settings: BenchmarkSettings) -> dict:
 
     batch = make_batch(settings.train_batch_size, settings.image_size, settings.num_masks, device, seed=1)
     for structure, net in nets.items():
-        module = STRUCTURES[structure].module_class(net.train())  # dropout on, as in training
+        module = build_module(STRUCTURES[structure].module_class, net.train())  # dropout on, as in training
         timed = time_training(module, batch, device, settings.precision, settings.warmup, settings.iterations)
         results["training"][structure] = {**timed, "images_per_s": settings.train_batch_size / timed["seconds"]}
         log.info("training  %-8s: %.4f s/step", structure, timed["seconds"])

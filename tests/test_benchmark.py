@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -20,6 +22,7 @@ from benchmarks.model_speed import (
 from benchmarks.original_structure import ORIGINAL_OPTIONS, OriginalStructure, OriginalTrainingStep
 from src.models.anomalymoe import AnomalyMoE
 from src.modes.benchmark import settings_from_config
+from src.optim import StableAdamW
 from src.module import AnomalyMoEModule
 from tests.conftest import tiny_backbone
 
@@ -31,6 +34,10 @@ def build_net(net_class=AnomalyMoE, **options) -> AnomalyMoE:
     return net_class(tiny_backbone(), **{**TINY, **options})
 
 
+def build_module(module_class, net):
+    return module_class(net, optimizer=partial(StableAdamW, lr=5e-4), estimator_optimizer=partial(torch.optim.Adam, lr=5e-4))
+
+
 def settings(**kw) -> BenchmarkSettings:
     base = dict(name="unit", device="cpu", image_size=56, train_batch_size=2, infer_batch_sizes=(1, 2), num_masks=2,
                 warmup=0, iterations=1, expert_scaling=(2, 3), scaling_batch_size=1)
@@ -40,7 +47,7 @@ def settings(**kw) -> BenchmarkSettings:
 
 @pytest.mark.slow
 def test_benchmark_runs_both_structures_and_they_agree(tmp_path):
-    results = run_benchmark(build_net, settings())
+    results = run_benchmark(build_net, settings(), build_module)
     assert set(results["training"]) == set(STRUCTURES)
     assert all(v["seconds"] > 0 for v in results["inference"].values())
     assert all(v["seconds"] > 0 and v["peak_bytes"] >= 0 for v in results["training"].values())
@@ -66,7 +73,7 @@ def test_benchmark_runs_both_structures_and_they_agree(tmp_path):
 def test_one_structure_with_accelerated_experts_and_no_scaling():
     results = run_benchmark(build_net, settings(structures=("ours",), expert_scaling=(), inference_steps=False,
                                                 infer_batch_sizes=(2,), channels_last=True, compile_experts=True,
-                                                compile_backend="eager"))
+                                                compile_backend="eager"), build_module)
     assert set(results["training"]) == {"ours"} and not results["max_output_diff"] and not results["scaling"]
     assert "| ours |" in format_report(results) and "Ratios" not in format_report(results)
 
@@ -96,7 +103,7 @@ def batch_of_two():
 def test_both_training_steps_update_experts_and_estimator(batch_of_two):
     for name, structure in STRUCTURES.items():
         torch.manual_seed(0)
-        module = structure.module_class(build_net(structure.net_class, top_k=6, **structure.options))
+        module = build_module(structure.module_class, build_net(structure.net_class, top_k=6, **structure.options))
         before = {k: v.clone() for k, v in module.state_dict().items()}
         timed = time_training(module, batch_of_two, torch.device("cpu"), "fp32", warmup=0, iterations=1)
         assert timed["seconds"] > 0
