@@ -1,4 +1,5 @@
-"""AnomalyMoE training objective (SPEC section 7), as functions of tensors.
+"""AnomalyMoE training objective (SPEC section 7): the loss terms as functions of tensors, and
+:class:`Objective`, which assembles them (with the CLUB estimator and the EIR pair choice).
 
 L = L_patch + L_global + L_comp + lambda_eir * EIR + lambda_esb * ESB, with
 * L_patch: hard-mining cosine reconstruction of the patch experts (SPEC 7.1),
@@ -17,13 +18,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from src.models.anomalymoe import ComponentRun, GlobalRun, PatchRun
+from src.models.outputs import ComponentRun, GlobalRun, PatchRun, TrainOutput, split_experts
 
 
 @dataclass
@@ -212,3 +213,85 @@ def select_eir_pairs(
     if len(xs) < 2:
         return None
     return torch.stack(xs), torch.stack(ys)
+
+
+# --------------------------------------------------------------------------- the objective
+@dataclass
+class LossTerms:
+    """The objective's terms for one batch (scalars). ``loss`` is what the main optimiser
+    minimises; ``estimator`` is the CLUB estimator's own loss, which reaches only its parameters."""
+
+    patch: Tensor  # L_patch
+    global_: Tensor  # L_global
+    component: Tensor  # L_comp
+    esb_importance: Tensor
+    esb_load: Tensor
+    esb_z: Tensor
+    esb: Tensor  # importance + load + z
+    eir: Tensor  # CLUB bound, mean over the patch and global groups
+    recon: Tensor  # patch + global + component
+    loss: Tensor  # recon + lambda_eir * eir + lambda_esb * esb
+    estimator: Tensor  # -(mean over groups of log q(y|x)) on the detached EIR pairs
+    pairs: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)  # EIR pairs per group
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """The terms by their logged names (``global`` for ``global_``), without the pairs."""
+        return {f.name.rstrip("_"): getattr(self, f.name) for f in fields(self) if f.name != "pairs"}
+
+
+class Objective:
+    """The training objective of SPEC section 7 for one model's expert groups.
+
+    Holds the CLUB estimator behind EIR and the random stream that picks the EIR expert pairs
+    (``pair_rng``, saved in checkpoints by the Lightning module). Not an ``nn.Module``: the
+    Lightning module registers ``estimator`` itself, so its parameters keep their checkpoint
+    names (``estimator.*``).
+
+    Args:
+        dim: feature width of the experts' pooled vectors (the encoder's embedding width).
+        num_experts: patch, global and component experts of the model.
+        weights: loss coefficients.
+    """
+
+    GROUPS = CLUBEstimator.GROUPS
+
+    def __init__(self, dim: int, num_experts: Sequence[int], weights: LossWeights | None = None) -> None:
+        self.weights = weights or LossWeights()
+        self.num_experts = tuple(num_experts)
+        self.estimator = CLUBEstimator(dim, self.weights.club_full_likelihood)
+        self.pair_rng = random.Random(0)
+
+    def __call__(self, out: TrainOutput) -> LossTerms:
+        """Every term for the model's training output ``out``; draws the EIR pairs from ``pair_rng``."""
+        w = self.weights
+        r_p, r_g, r_k = split_experts(out.routing_weights, self.num_experts)
+        patch = patch_loss(out.en_maps, out.patch, r_p, w)
+        global_ = global_loss(out.global_target, out.global_, r_g, w)
+        component = component_loss(out.component_features, out.component_image, out.component, r_k, w)
+        esb = esb_loss(out.logits, out.expert_mask, w.capacity_factor)
+        pairs = self.eir_pairs(out)
+        # Mean over the two groups as in the original; a group without a pair counts 0.
+        bounds = [self.estimator.upper_bound(g, x, y) for g, (x, y) in pairs.items()]
+        eir = torch.stack(bounds).sum() / 2 if bounds else out.logits.new_zeros(())
+        recon = patch + global_ + component
+        return LossTerms(
+            patch=patch, global_=global_, component=component,
+            esb_importance=esb["importance"], esb_load=esb["load"], esb_z=esb["z"], esb=esb["total"],
+            eir=eir, recon=recon, loss=recon + w.lambda_eir * eir + w.lambda_esb * esb["total"],
+            estimator=self.estimator_loss(pairs, out.logits), pairs=pairs,
+        )
+
+    def eir_pairs(self, out: TrainOutput) -> dict[str, tuple[Tensor, Tensor]]:
+        """The (x, y) feature pairs of two experts per group (groups without a pair left out)."""
+        batch = out.logits.shape[0]
+        pairs = {}
+        for group, runs in zip(self.GROUPS, (out.patch, out.global_), strict=True):
+            pair = select_eir_pairs(runs, batch, self.pair_rng)
+            if pair is not None:
+                pairs[group] = pair
+        return pairs
+
+    def estimator_loss(self, pairs: dict[str, tuple[Tensor, Tensor]], like: Tensor) -> Tensor:
+        """-(mean over groups of log q(y|x)) on the detached pairs (a zero like ``like`` without pairs)."""
+        ll = [self.estimator.log_likelihood(g, x.detach(), y.detach()) for g, (x, y) in pairs.items()]
+        return -torch.stack(ll).sum() / 2 if ll else like.new_zeros(())

@@ -34,16 +34,10 @@ from src.errors import ConfigError
 from src.evaluation.calibration import Calibration
 from src.evaluation.evaluator import AnomalyEvaluator, ClassEvaluation, NormalCalibrator
 from src.evaluation.report import build_report, expert_names
-from src.losses import (
-    CLUBEstimator,
-    LossWeights,
-    component_loss,
-    esb_loss,
-    global_loss,
-    patch_loss,
-    select_eir_pairs,
-)
-from src.models.anomalymoe import AnomalyMoE, MoEPrediction, TrainOutput
+from src.losses import LossTerms, LossWeights, Objective
+from src.models.acceleration import accelerate
+from src.models.anomalymoe import AnomalyMoE
+from src.models.outputs import MoEPrediction, TrainOutput
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +62,10 @@ class AnomalyMoEModule(LightningModule):
     gradient_clip: max global gradient norm of each optimiser's parameters (original: 0.1).
     evaluator: test-time protocol and metrics; defaults to the original's protocol.
     calibrator: statistics of normal images (inductive protocol, decision threshold).
+    compile_experts: ``torch.compile`` each patch and global expert with ``compile_backend``
+        (applied in ``configure_model``, see :func:`src.models.acceleration.accelerate`).
+    channels_last: the global experts in channels-last memory format (faster convolutions on
+        recent GPUs).
     """
 
     def __init__(
@@ -80,12 +78,19 @@ class AnomalyMoEModule(LightningModule):
         gradient_clip: float = 0.1,
         evaluator: AnomalyEvaluator | None = None,
         calibrator: NormalCalibrator | None = None,
+        compile_experts: bool = False,
+        channels_last: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.net = net
         self.loss_weights = loss or LossWeights()
-        self.estimator = CLUBEstimator(net.encoder.embed_dim, self.loss_weights.club_full_likelihood)
+        self.objective = Objective(net.encoder.embed_dim, net.num_experts, self.loss_weights)
+        self.estimator = self.objective.estimator  # registered here: checkpoint keys estimator.*
+        self.speed_options = {"channels_last": channels_last, "compile_experts": compile_experts,
+                              "compile_backend": compile_backend}
+        self._accelerated = False
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.estimator_optimizer_factory = estimator_optimizer
@@ -93,7 +98,6 @@ class AnomalyMoEModule(LightningModule):
         self.evaluator = evaluator or AnomalyEvaluator()
         self.val_evaluator = copy.deepcopy(self.evaluator)  # validation (sweeps) keeps its own state
         self.calibrator = calibrator or NormalCalibrator()
-        self.pair_rng = random.Random(0)
         self.step_rng: dict[str, Tensor] | None = None  # random state of the training steps
         self._restored_rng = False
         self.val_results: dict[int, ClassEvaluation] = {}
@@ -108,6 +112,17 @@ class AnomalyMoEModule(LightningModule):
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "test_class_keys"):
             self.class_keys = list(datamodule.test_class_keys)
+
+    @property
+    def pair_rng(self) -> random.Random:
+        """The random stream that picks the EIR expert pairs (the objective's)."""
+        return self.objective.pair_rng
+
+    def configure_model(self) -> None:
+        """Apply the speed options once (Lightning calls this before fit, test and predict)."""
+        if not self._accelerated:
+            accelerate(self.net, **self.speed_options)
+            self._accelerated = True
 
     # ------------------------------------------------------------------ optimisers
     def configure_optimizers(self):
@@ -191,36 +206,6 @@ class AnomalyMoEModule(LightningModule):
         self.checkpoint_info = None
 
     # ------------------------------------------------------------------ training
-    def compute_losses(self, out: TrainOutput) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
-        """All loss terms of the objective and the EIR pairs they used."""
-        w = self.loss_weights
-        r_p, r_g, r_k = self.net._split(out.routing_weights)
-        losses = {
-            "patch": patch_loss(out.en_maps, out.patch, r_p, w),
-            "global": global_loss(out.global_target, out.global_, r_g, w),
-            "component": component_loss(out.component_features, out.component_image, out.component, r_k, w),
-        }
-        esb = esb_loss(out.logits, out.expert_mask, w.capacity_factor)
-        losses.update({f"esb_{k}": v for k, v in esb.items() if k != "total"})
-        losses["esb"] = esb["total"]
-        batch = out.logits.shape[0]
-        pairs = {}
-        for group, runs in (("patch", out.patch), ("global", out.global_)):
-            pair = select_eir_pairs(runs, batch, self.pair_rng)
-            if pair is not None:
-                pairs[group] = pair
-        # Mean over the two groups as in the original; a group without a pair counts 0.
-        bounds = [self.estimator.upper_bound(g, x, y) for g, (x, y) in pairs.items()]
-        losses["eir"] = torch.stack(bounds).sum() / 2 if bounds else out.logits.new_zeros(())
-        losses["recon"] = losses["patch"] + losses["global"] + losses["component"]
-        losses["loss"] = losses["recon"] + w.lambda_eir * losses["eir"] + w.lambda_esb * losses["esb"]
-        return losses, pairs
-
-    def estimator_loss(self, pairs: dict[str, tuple[Tensor, Tensor]], like: Tensor) -> Tensor:
-        """-(mean over groups of log q(y|x)) on the detached EIR pairs (0 without pairs)."""
-        ll = [self.estimator.log_likelihood(g, x.detach(), y.detach()) for g, (x, y) in pairs.items()]
-        return -torch.stack(ll).sum() / 2 if ll else like.new_zeros(())
-
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         main_opt, est_opt = self.optimizers()
         # Only the main optimiser's Lightning wrapper steps: Lightning counts global_step per
@@ -228,14 +213,12 @@ class AnomalyMoEModule(LightningModule):
         est_opt = est_opt.optimizer
         with self._step_random_stream():
             out = self.net.forward_train(batch["image"], batch.get("image_ae"), batch.get("masks"), batch.get("num_masks"))
-            losses, pairs = self.compute_losses(out)
-            # The estimator's loss and the main objective touch disjoint parameters, so one backward
-            # pass serves both.
-            losses["estimator"] = self.estimator_loss(pairs, out.logits)
-
+            terms = self.objective(out)
             main_opt.zero_grad(set_to_none=True)
             est_opt.zero_grad(set_to_none=True)
-            self.manual_backward(losses["loss"] + losses["estimator"])
+            # The estimator's loss and the main objective touch disjoint parameters, so one backward
+            # pass serves both.
+            self.manual_backward(terms.loss + terms.estimator)
         grad_norm = _clip([p for g in main_opt.param_groups for p in g["params"]], self.gradient_clip)
         _clip([p for g in est_opt.param_groups for p in g["params"]], self.gradient_clip)
         main_opt.step()
@@ -244,13 +227,13 @@ class AnomalyMoEModule(LightningModule):
         if scheduler is not None:
             scheduler.step()
 
-        self._log_training(losses, out, grad_norm, main_opt, batch.get("dataset"))
-        return losses["loss"]
+        self._log_training(terms, out, grad_norm, main_opt, batch.get("dataset"))
+        return terms.loss
 
     def _log_training(
-        self, losses: dict[str, Tensor], out: TrainOutput, grad_norm: Tensor, opt, datasets: list[str] | None = None
+        self, terms: LossTerms, out: TrainOutput, grad_norm: Tensor, opt, datasets: list[str] | None = None
     ) -> None:
-        logs = {f"train/{k}": v.detach() for k, v in losses.items()}
+        logs = {f"train/{k}": v.detach() for k, v in terms.as_dict().items()}
         logs["train/grad_norm"] = grad_norm
         logs["train/lr"] = torch.tensor(opt.param_groups[0]["lr"])
         probs = torch.softmax(out.logits.detach(), dim=1)
@@ -265,7 +248,7 @@ class AnomalyMoEModule(LightningModule):
             share = mask[rows].mean(0)
             logs.update({f"train/routing/{name}/{expert}": share[e] for e, expert in enumerate(names)})
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=out.logits.shape[0])
-        self.log("train/loss_epoch", losses["loss"].detach(), on_step=False, on_epoch=True, prog_bar=True,
+        self.log("train/loss_epoch", terms.loss.detach(), on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=out.logits.shape[0])
 
     # ------------------------------------------------------------------ validation (sweeps)

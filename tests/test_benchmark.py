@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
-from src.benchmark import INFERENCE_STEPS, STRUCTURES, BenchmarkSettings, Trainer, append_to_benchmarks, format_report, make_batch, run_benchmark
-from src.losses import LossWeights
+from benchmarks.model_speed import (
+    DETAILED_HEADER,
+    INFERENCE_STEPS,
+    STRUCTURES,
+    BenchmarkSettings,
+    append_detailed_rows,
+    append_to_benchmarks,
+    format_report,
+    make_batch,
+    run_benchmark,
+    time_training,
+)
+from benchmarks.original_structure import ORIGINAL_OPTIONS, OriginalStructure, OriginalTrainingStep
+from src.models.anomalymoe import AnomalyMoE
+from src.modes.benchmark import settings_from_config
+from src.optim import StableAdamW
 from src.module import AnomalyMoEModule
-from tests.conftest import tiny_model
+from tests.conftest import tiny_backbone
+
+TINY = dict(num_patch_experts=2, num_global_experts=2, num_component_experts=2, top_k=2, ae_channels=4,
+            student_channels=(8, 16), gate_hidden=16)
+
+
+def build_net(net_class=AnomalyMoE, **options) -> AnomalyMoE:
+    return net_class(tiny_backbone(), **{**TINY, **options})
+
+
+def build_module(module_class, net):
+    return module_class(net, optimizer=partial(StableAdamW, lr=5e-4), estimator_optimizer=partial(torch.optim.Adam, lr=5e-4))
 
 
 def settings(**kw) -> BenchmarkSettings:
@@ -20,9 +47,10 @@ def settings(**kw) -> BenchmarkSettings:
 
 @pytest.mark.slow
 def test_benchmark_runs_both_structures_and_they_agree(tmp_path):
-    results = run_benchmark(lambda **kw: tiny_model(**kw), settings())
+    results = run_benchmark(build_net, settings(), build_module)
     assert set(results["training"]) == set(STRUCTURES)
     assert all(v["seconds"] > 0 for v in results["inference"].values())
+    assert all(v["seconds"] > 0 and v["peak_bytes"] >= 0 for v in results["training"].values())
     assert max(results["max_output_diff"].values()) <= 1e-5
     assert set(results["scaling"]) == {(s, n) for s in STRUCTURES for n in (2, 3)}
     report = format_report(results)
@@ -33,22 +61,68 @@ def test_benchmark_runs_both_structures_and_they_agree(tmp_path):
     path.write_text("# Benchmarks\n\n## Data loading\n\n| a |\n|---|\n| 1 |\n")
     append_to_benchmarks(results, path)
     append_to_benchmarks(results, path)
+    append_detailed_rows(results, path)
     text = path.read_text()
-    assert text.count("| unit |") == 2 and "## Data loading" in text and "| 1 |" in text
-    section = text[text.index("## Model speed"):]
+    assert text.count("| unit |") == 2 + 6 and "## Data loading" in text and "| 1 |" in text
+    section = text[text.index("## Model speed"):text.index("## Paper model on a GPU")]
     assert section.count("\n| ") == 3  # header + two rows
+    detailed = text[text.index("## Paper model on a GPU"):]
+    assert DETAILED_HEADER in detailed and "| inference, ours | 2 |" in detailed and "| training step, original | 2 |" in detailed
 
 
-def test_original_structure_trains_the_estimator_on_a_second_forward():
-    batch = make_batch(2, 56, 2, torch.device("cpu"))
-    for structure in STRUCTURES:
+def test_one_structure_with_accelerated_experts_and_no_scaling():
+    results = run_benchmark(build_net, settings(structures=("ours",), expert_scaling=(), inference_steps=False,
+                                                infer_batch_sizes=(2,), channels_last=True, compile_experts=True,
+                                                compile_backend="eager"), build_module)
+    assert set(results["training"]) == {"ours"} and not results["max_output_diff"] and not results["scaling"]
+    assert "| ours |" in format_report(results) and "Ratios" not in format_report(results)
+
+
+def test_original_structure_gives_the_same_outputs_with_two_encoder_passes(batch_of_two):
+    torch.manual_seed(0)
+    ours = build_net().eval()
+    original = build_net(OriginalStructure, **ORIGINAL_OPTIONS).eval()
+    original.load_state_dict(ours.state_dict())
+    calls = []
+    original.encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    b = batch_of_two
+    with torch.no_grad():
+        expected, got = ours(b["image"], b["image_ae"], b["masks"], b["num_masks"]), \
+            original(b["image"], b["image_ae"], b["masks"], b["num_masks"])
+        original.forward_train(b["image"], b["image_ae"], b["masks"], b["num_masks"])
+    assert calls == [2, 2, 2, 2], "two separate passes of two images, at test time and in training"
+    for name in ("map_patch", "map_global", "map_component", "routing_weights"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def batch_of_two():
+    return make_batch(2, 56, 2, torch.device("cpu"))
+
+
+def test_both_training_steps_update_experts_and_estimator(batch_of_two):
+    for name, structure in STRUCTURES.items():
         torch.manual_seed(0)
-        net = tiny_model(top_k=6, **STRUCTURES[structure])
-        trainer = Trainer(AnomalyMoEModule(net, LossWeights()), structure)
-        before = {k: v.clone() for k, v in trainer.module.state_dict().items()}
-        trainer.step(batch)
-        after = trainer.module.state_dict()
+        module = build_module(structure.module_class, build_net(structure.net_class, top_k=6, **structure.options))
+        before = {k: v.clone() for k, v in module.state_dict().items()}
+        timed = time_training(module, batch_of_two, torch.device("cpu"), "fp32", warmup=0, iterations=1)
+        assert timed["seconds"] > 0
+        after = module.state_dict()
         changed = {k for k in before if not torch.equal(before[k], after[k])}
-        assert any(k.startswith("net.patch_experts") for k in changed), structure
-        assert any(k.startswith("estimator.") for k in changed), structure
-        assert not any(k.startswith("net.encoder") for k in changed), structure
+        assert any(k.startswith("net.patch_experts") for k in changed), name
+        assert any(k.startswith("estimator.") for k in changed), name
+        assert not any(k.startswith("net.encoder") for k in changed), name
+    assert STRUCTURES["ours"].module_class is AnomalyMoEModule
+    assert issubclass(STRUCTURES["original"].module_class, OriginalTrainingStep)
+
+
+def test_variants_override_the_preset_and_unknown_keys_are_refused():
+    preset = {"name": "gpu", "device": "cpu", "infer_batch_sizes": [1, 8, 32], "file": "x", "write": True,
+              "variants": [{"precision": "fp32"}, {"precision": "bf16", "compile_experts": True, "structures": ["ours"]}]}
+    first, second = settings_from_config(preset)
+    assert first.infer_batch_sizes == (1, 8, 32) and first.structures == ("ours", "original")
+    assert second.precision == "bf16" and second.compile_experts and second.structures == ("ours",)
+    with pytest.raises(ValueError, match=r"benchmark.variants\[0\] has unknown keys \['precison'\]"):
+        settings_from_config({"variants": [{"precison": "bf16"}]})
+    with pytest.raises(ValueError, match="benchmark.structures"):
+        settings_from_config({"structures": ["fast"]})

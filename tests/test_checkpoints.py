@@ -89,7 +89,8 @@ def test_payload_checkpoint_is_refused_at_every_entry_point(small_demo_root, pay
     path, marker = payload
     common = [*small_demo_overrides(small_demo_root), "logger=none"]
     for i, mode in enumerate(("test", "predict", "export", "train")):
-        cfg = compose_cfg([*common, f"mode={mode}", f"ckpt_path={path}", f"predict.input={small_demo_root}",
+        only_predict = [f"predict.input={small_demo_root}"] if mode == "predict" else []  # per-mode configs
+        cfg = compose_cfg([*common, f"mode={mode}", f"ckpt_path={path}", *only_predict,
                            f"paths.output_dir={tmp_path / str(i)}"])
         with pytest.raises(CheckpointError, match=r"refusing to load ckpt_path=.*payload.ckpt.*could run code"):
             run_task(cfg)

@@ -7,7 +7,7 @@ import random
 import torch
 
 from src.losses import CLUBEstimator, LossWeights, esb_loss, patch_loss, select_eir_pairs
-from src.models.anomalymoe import GlobalRun, PatchRun
+from src.models.outputs import GlobalRun, PatchRun
 
 
 def test_esb_by_hand():

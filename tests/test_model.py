@@ -6,20 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.losses import LossWeights, component_loss, esb_loss, global_loss, patch_loss
+from src.losses import Objective
+from src.models.acceleration import accelerate
 from src.models.experts import GlobalExpert, LinearAttention, pool_component_features, top_k_routing
 from tests.conftest import random_masks, tiny_model
 
 
 def _losses(model, out):
-    w = LossWeights()
-    r_p, r_g, r_k = model._split(out.routing_weights)
-    return {
-        "patch": patch_loss(out.en_maps, out.patch, r_p, w),
-        "global": global_loss(out.global_target, out.global_, r_g, w),
-        "component": component_loss(out.component_features, out.component_image, out.component, r_k, w),
-        "esb": esb_loss(out.logits, out.expert_mask)["total"],
-    }
+    """The objective's terms that do not depend on the random EIR pairs."""
+    terms = Objective(model.encoder.embed_dim, model.num_experts)(out)
+    return {"patch": terms.patch, "global": terms.global_, "component": terms.component, "esb": terms.esb}
 
 
 @pytest.fixture
@@ -209,11 +205,13 @@ def test_images_without_component_masks_skip_component_experts(batch, exclude):
 def test_channels_last_and_compiled_experts_give_the_same_maps(batch):
     image, image_ae, masks, counts = batch
     reference = tiny_model().eval()
-    variants = [tiny_model(channels_last=True), tiny_model(compile_experts=True, compile_backend="eager")]
+    variants = [accelerate(tiny_model(), channels_last=True),
+                accelerate(tiny_model(), compile_experts=True, compile_backend="eager")]
+    assert variants[0].global_experts[0].student[0].weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         expected = reference(image, image_ae, masks, counts)
         for variant in variants:
-            variant.load_state_dict(reference.state_dict())  # same keys: compiled views are not modules
+            variant.load_state_dict(reference.state_dict())  # same keys: compiled in place
             out = variant.eval()(image, image_ae, masks, counts)
             for name in ("map_patch", "map_global", "map_component"):
                 torch.testing.assert_close(getattr(out, name), getattr(expected, name), atol=1e-5, rtol=1e-5)

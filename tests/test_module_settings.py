@@ -40,7 +40,8 @@ def test_training_logs_name_experts_like_the_reports():
     mask = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 1, 0, 1, 0]])
     out = SimpleNamespace(logits=torch.randn(2, 6), expert_mask=mask)
     opt = SimpleNamespace(param_groups=[{"lr": 1e-3}])
-    module._log_training({"loss": torch.tensor(1.0)}, out, torch.tensor(0.5), opt, ["demo", "visa"])
+    terms = SimpleNamespace(loss=torch.tensor(1.0), as_dict=lambda: {"loss": torch.tensor(1.0)})
+    module._log_training(terms, out, torch.tensor(0.5), opt, ["demo", "visa"])
     names = expert_names(module.net.num_experts)
     assert names == ["patch0", "patch1", "global0", "global1", "component0", "component1"]
     assert {k for k in logged if k.startswith("train/load_")} == {f"train/load_{n}" for n in names}

@@ -3,7 +3,7 @@
 The fixture holds a reduced official model's state dict (official key names), its inputs and
 its outputs. Set ``ANOMALYMOE_FIXTURES`` to the folder holding ``official_tiny.pt`` (default
 ``../shared/fixtures``); with ``ANOMALYMOE_REQUIRE_FIXTURES=1`` a missing file fails instead of
-skipping.
+skipping. ``ANOMALYMOE_PARITY_DEVICE=cuda`` runs the model on the GPU (TF32 off: full fp32).
 """
 
 from __future__ import annotations
@@ -14,14 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.original_structure import ORIGINAL_OPTIONS, OriginalStructure
 from src.evaluation.evaluator import AnomalyEvaluator
-from src.losses import LossWeights, component_loss, esb_loss, global_loss, patch_loss
+from src.losses import Objective
 from src.models.anomalymoe import AnomalyMoE
 from src.models.backbone import DinoV2Backbone
 from src.models.checkpoint import CheckpointError, check_and_load, check_expert_counts, original_to_ours
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(os.environ.get("ANOMALYMOE_FIXTURES", ROOT.parent / "shared" / "fixtures")) / "official_tiny.pt"
+DEVICE = torch.device(os.environ.get("ANOMALYMOE_PARITY_DEVICE", "cpu"))
 
 if not FIXTURE.is_file():
     if os.environ.get("ANOMALYMOE_REQUIRE_FIXTURES") == "1":
@@ -35,10 +37,10 @@ def fixture() -> dict:
 
 
 STRUCTURES = {
-    "sparse": {"dispatch": "sparse"},
-    "dense": {"dispatch": "dense"},
+    "sparse": (AnomalyMoE, {"dispatch": "sparse"}),
+    "dense": (AnomalyMoE, {"dispatch": "dense"}),
     # What the benchmark times as "the original": dense experts and two full encoder passes.
-    "original": {"dispatch": "dense", "original_encoder_passes": True, "student_strip_rows": 0},
+    "original": (OriginalStructure, ORIGINAL_OPTIONS),
 }
 
 
@@ -49,7 +51,8 @@ def build_model(config: dict, structure: str = "sparse") -> AnomalyMoE:
         pos_grid=config["pos_embed_grid"],
         interpolate_offset=config["interpolate_offset"],
     )
-    return AnomalyMoE(
+    model_class, options = STRUCTURES[structure]
+    return model_class(
         backbone,
         num_patch_experts=config["num_patch_experts"],
         num_global_experts=config["num_global_experts"],
@@ -61,7 +64,7 @@ def build_model(config: dict, structure: str = "sparse") -> AnomalyMoE:
         decoder_depth=config["decoder_depth"],
         bottleneck_dropout=config["bottleneck_dropout"],
         exclude_components_without_masks=False,  # the original's routing
-        **STRUCTURES[structure],
+        **options,
     )
 
 
@@ -80,13 +83,16 @@ def run(request, fixture):
     state = original_to_ours({f"module.{k}": v for k, v in fixture["state_dict"].items()})  # DDP prefix too
     check_expert_counts(state, model.expert_counts(), "fixture")
     check_and_load(model, state, "fixture")
-    model.eval()
+    model.eval().to(DEVICE)
     inputs = fixture["inputs"]
-    image, image_ae = inputs["image_st"].float(), inputs["image_ae"].float()
     masks, counts = padded_masks(inputs["masks"])
+    args = [t.to(DEVICE) for t in (inputs["image_st"].float(), inputs["image_ae"].float(), masks, counts)]
+    if DEVICE.type == "cuda":  # the fixture was computed in full fp32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     with torch.no_grad():
-        prediction = model(image, image_ae, masks, counts)
-        train_out = model.forward_train(image, image_ae, masks, counts)
+        prediction = model(*args)
+        train_out = model.forward_train(*args)
+    prediction = _replace_all(prediction, lambda t: t.cpu())
     return model, prediction, train_out
 
 
@@ -133,36 +139,32 @@ def test_final_maps_and_scores_match(run, fixture):
     assert result.metrics["pixel_auroc"] == pytest.approx(expected["pixel_auroc"], abs=1e-4)
 
 
-def _slice(prediction, index):
+def _replace_all(prediction, fn):
     from dataclasses import fields, replace
 
-    return replace(prediction, **{f.name: getattr(prediction, f.name)[index] for f in fields(prediction)})
+    return replace(prediction, **{f.name: fn(getattr(prediction, f.name)) for f in fields(prediction)})
+
+
+def _slice(prediction, index):
+    return _replace_all(prediction, lambda t: t[index])
 
 
 def eval_mode_losses(model: AnomalyMoE, out) -> dict[str, torch.Tensor]:
-    """The training loss terms of ``out`` (``forward_train`` in eval mode), as the fixture has them."""
-    weights = LossWeights()
-    r_p, r_g, r_k = model._split(out.routing_weights)
-    return {
-        "patch": patch_loss(out.en_maps, out.patch, r_p, weights),
-        "global": global_loss(out.global_target, out.global_, r_g, weights),
-        "component": component_loss(out.component_features, out.component_image, out.component, r_k, weights),
-        "esb": esb_loss(out.logits, out.expert_mask, weights.capacity_factor)["total"],
-    }
+    """The training loss terms of ``out`` (``forward_train`` in eval mode) that the fixture has."""
+    terms = Objective(model.encoder.embed_dim, model.num_experts)(out).as_dict()
+    return {name: terms[name] for name in ("patch", "global", "component", "esb", "recon")}
 
 
 def test_eval_mode_training_losses_match(run, fixture):
     model, _, out = run
-    ours = eval_mode_losses(model, out)
-    ours["recon"] = ours["patch"] + ours["global"] + ours["component"]
-    for name, value in ours.items():
+    for name, value in eval_mode_losses(model, out).items():
         expected = fixture["losses_train_fuse_eval_mode"][name]
         assert value.item() == pytest.approx(expected.item(), rel=1e-4), name
 
 
 def test_component_counts_match(run, fixture):
     _, _, out = run
-    counts = torch.bincount(out.component_image, minlength=4).tolist()
+    counts = torch.bincount(out.component_image.cpu(), minlength=4).tolist()
     assert counts == fixture["outputs"]["num_components"]
 
 

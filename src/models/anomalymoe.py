@@ -1,8 +1,8 @@
 """AnomalyMoE: a frozen DINOv2 encoder, a top-k gate and three families of experts.
 
-Reads top-down: token fusion helpers, the output records, then the model. The model branches
-on ``self.training``: training returns what the losses need (:class:`TrainOutput`), evaluation
-returns the raw per-group anomaly maps (:class:`MoEPrediction`).
+Reads top-down: token fusion helpers, then the model. The model branches on ``self.training``:
+training returns what the losses need (:class:`TrainOutput`), evaluation returns the raw
+per-group anomaly maps (:class:`MoEPrediction`); both records live in :mod:`src.models.outputs`.
 
 Dispatch: with ``dispatch="sparse"`` (default) each expert runs only on the images routed to
 it (gather rows, run, ``index_add_`` back, as in Mixtral); ``dispatch="dense"`` runs every
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +28,9 @@ from src.models.experts import (
     pool_component_features,
     top_k_routing,
 )
+from src.models.outputs import ComponentRun, GlobalRun, MoEPrediction, PatchRun, TrainOutput, split_experts
+
+__all__ = ["AnomalyMoE", "ComponentRun", "GlobalRun", "MoEPrediction", "PatchRun", "TrainOutput", "fuse", "tokens_to_map"]
 
 log = logging.getLogger(__name__)
 
@@ -44,52 +46,6 @@ def tokens_to_map(tokens: Tensor, num_prefix: int, grid: tuple[int, int]) -> Ten
     """(B, N, C) tokens -> (B, C, h, w) patch map, dropping CLS and register tokens."""
     b, _, c = tokens.shape
     return tokens[:, num_prefix:].permute(0, 2, 1).reshape(b, c, *grid)
-
-
-# --------------------------------------------------------------------------- outputs
-@dataclass
-class PatchRun:
-    rows: Tensor  # (n,) batch indices this expert ran on
-    de_maps: list[Tensor]  # one (n, C, h, w) decoder map per fuse group
-    feature: Tensor  # (n, C) pooled last decoder map, for EIR
-
-
-@dataclass
-class GlobalRun:
-    rows: Tensor  # (n,)
-    autoencoder: Tensor  # (n, C, h, w)
-    student: Tensor  # (n, C, h, w)
-    feature: Tensor  # (n, C) pooled student map, for EIR
-
-
-@dataclass
-class ComponentRun:
-    rows: Tensor  # (n,) indices into the batch's component vectors
-    reconstruction: Tensor  # (n, C)
-
-
-@dataclass
-class TrainOutput:
-    logits: Tensor  # (B, E)
-    routing_weights: Tensor  # (B, E), k non-zeros per row summing to 1
-    expert_mask: Tensor  # (B, E) bool, the top-k experts
-    en_maps: list[Tensor]  # (B, C, h, w) encoder targets of the patch experts, per train fuse group
-    global_target: Tensor  # (B, C, h, w) target of the global autoencoders
-    component_features: Tensor  # (M, C) component vectors of the batch
-    component_image: Tensor  # (M,) image index of each component vector
-    patch: list[PatchRun | None] = field(default_factory=list)  # None: expert got no image
-    global_: list[GlobalRun | None] = field(default_factory=list)
-    component: list[ComponentRun | None] = field(default_factory=list)
-
-
-@dataclass
-class MoEPrediction:
-    map_patch: Tensor  # (B, 1, H, W) raw patch-expert map at image resolution
-    map_global: Tensor  # (B, 1, H, W)
-    map_component: Tensor  # (B, 1, H, W)
-    routing_weights: Tensor  # (B, E)
-    logits: Tensor  # (B, E)
-    group_weights: Tensor  # (B, 3) max routing weight of the patch / global / component group
 
 
 # --------------------------------------------------------------------------- model
@@ -112,18 +68,12 @@ class AnomalyMoE(nn.Module):
             component experts (they cannot score it: its component map would be 0 and its
             training loss 0, which pulls the gate towards them). False keeps the original's
             routing, which ignores the masks.
-        original_encoder_passes: run the encoder like the original: two full passes (image and
-            jittered image), at test time too, instead of one batched pass that stops at the
-            deepest tapped block for the jittered copy and is skipped at test time. Same tokens;
-            only useful to measure the original's cost.
-        channels_last: keep the convolutional global experts in channels-last memory format
-            (faster convolutions on recent GPUs).
         student_strip_rows: without gradients (inference), compute the global students' two
             full-resolution stages in strips of this many token-grid rows, keeping a fraction of
             their activations in memory (same values); 0: whole images, like the original.
-        compile_experts: ``torch.compile`` each patch and global expert (dynamic batch size,
-            since sparse dispatch gives each expert a varying number of images), with
-            ``compile_backend``.
+
+    ``torch.compile`` and channels-last memory are applied from outside
+    (:func:`src.models.acceleration.accelerate`).
     """
 
     def __init__(
@@ -149,10 +99,6 @@ class AnomalyMoE(nn.Module):
         component_dilation: int = 5,
         gate_hidden: int = 256,
         exclude_components_without_masks: bool = True,
-        original_encoder_passes: bool = False,
-        channels_last: bool = False,
-        compile_experts: bool = False,
-        compile_backend: str = "inductor",
         student_strip_rows: int = 4,
     ) -> None:
         super().__init__()
@@ -192,16 +138,6 @@ class AnomalyMoE(nn.Module):
         )
         self.gating_network = GatingNetwork(dim, total, gate_hidden)
         self.reset_parameters()
-        self.original_encoder_passes = original_encoder_passes
-        self.channels_last = channels_last
-        if channels_last:
-            self.global_experts.to(memory_format=torch.channels_last)
-        # Compiled views share the experts' parameters and stay out of the state dict.
-        def maybe_compile(expert: nn.Module):
-            return torch.compile(expert, dynamic=True, backend=compile_backend) if compile_experts else expert
-
-        self._run_patch = [maybe_compile(e) for e in self.patch_experts]
-        self._run_global = [maybe_compile(e) for e in self.global_experts]
 
     # ------------------------------------------------------------------ init
     def trainable_groups(self) -> dict[str, nn.Module]:
@@ -239,18 +175,15 @@ class AnomalyMoE(nn.Module):
             return torch.arange(mask_column.shape[0], device=mask_column.device)
         return mask_column.nonzero(as_tuple=True)[0]
 
-    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        p, g, _ = self.num_experts
-        return x[:, :p], x[:, p : p + g], x[:, p + g :]
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, E) per-expert columns -> the patch, global and component experts' columns."""
+        return split_experts(x, self.num_experts)
 
-    def _encode(self, image: Tensor, image_ae: Tensor | None) -> tuple[list[Tensor], list[Tensor] | None, Tensor, tuple[int, int]]:
-        """Tapped tokens of ``image`` (and of ``image_ae`` when given) in one batched pass."""
+    def encode(self, image: Tensor, image_ae: Tensor | None) -> tuple[list[Tensor], list[Tensor] | None, Tensor, tuple[int, int]]:
+        """Tapped tokens of ``image`` (and of ``image_ae`` when given) in one batched pass, which
+        stops at the deepest tapped block for ``image_ae``; CLS token and token grid of ``image``."""
         b = image.shape[0]
         with torch.no_grad():
-            if self.original_encoder_passes and image_ae is not None:
-                out = self.encoder(image, self.target_layers)
-                ae = self.encoder(image_ae, self.target_layers)  # all blocks, as the original
-                return out.taps, ae.taps, out.cls, out.grid
             if image_ae is None:
                 out = self.encoder(image, self.target_layers)
                 return out.taps, None, out.cls, out.grid
@@ -281,21 +214,19 @@ class AnomalyMoE(nn.Module):
             if rows.numel() == 0:
                 runs.append(None)
                 continue
-            de = self._run_patch[i](bottleneck_in[rows])
+            de = expert(bottleneck_in[rows])
             de_maps = [tokens_to_map(t, prefix, grid) for t in fuse(de, groups)]
             runs.append(PatchRun(rows, de_maps, de_maps[-1].mean(dim=(2, 3))))
         return runs
 
     def _global_runs(self, image_ae: Tensor, mask: Tensor, grid) -> list[GlobalRun | None]:
         runs: list[GlobalRun | None] = []
-        if self.channels_last:
-            image_ae = image_ae.contiguous(memory_format=torch.channels_last)
-        for j in range(len(self.global_experts)):
+        for j, expert in enumerate(self.global_experts):
             rows = self._rows(mask[:, j])
             if rows.numel() == 0:
                 runs.append(None)
                 continue
-            ae, student = self._run_global[j](image_ae[rows], grid)
+            ae, student = expert(image_ae[rows], grid)
             runs.append(GlobalRun(rows, ae, student, student.mean(dim=(2, 3))))
         return runs
 
@@ -327,14 +258,14 @@ class AnomalyMoE(nn.Module):
             return self.forward_train(image, image_ae, masks, num_masks)
         return self.forward_eval(image, image_ae, masks, num_masks)
 
-    def forward_train(self, image, image_ae=None, masks=None, num_masks=None, fuse_groups=None) -> TrainOutput:
+    def forward_train(self, image, image_ae=None, masks=None, num_masks=None) -> TrainOutput:
         """Everything the training losses need. Callable in eval mode (no dropout) for checks."""
         image_ae = image if image_ae is None else image_ae
-        groups = self.fuse_groups_train if fuse_groups is None else fuse_groups
-        taps, taps_ae, cls, grid = self._encode(image, image_ae)
+        groups = self.fuse_groups_train
+        taps, taps_ae, cls, grid = self.encode(image, image_ae)
         prefix = self.encoder.num_prefix_tokens
         logits, weights, mask = self._route(cls, num_masks)
-        mask_p, mask_g, mask_k = self._split(mask)
+        mask_p, mask_g, mask_k = self.split(mask)
         en_maps = [tokens_to_map(t, prefix, grid) for t in fuse(taps, groups)]
         target = tokens_to_map(fuse(taps_ae, groups)[-1], prefix, grid)
         features, image_index = self._components(taps, masks, num_masks, grid)
@@ -355,33 +286,33 @@ class AnomalyMoE(nn.Module):
         """Raw per-group anomaly maps at image resolution (SPEC 8.1)."""
         image_ae = image if image_ae is None else image_ae
         b, _, height, width = image.shape
-        # The original also encodes the jittered image at test time, for nothing.
-        taps, _, cls, grid = self._encode(image, image_ae if self.original_encoder_passes else None)
+        taps, _, cls, grid = self.encode(image, None)
         prefix = self.encoder.num_prefix_tokens
         logits, weights, mask = self._route(cls, num_masks)
-        (w_p, w_g, w_k), (mask_p, mask_g, mask_k) = self._split(weights), self._split(mask)
+        (w_p, w_g, w_k), (mask_p, mask_g, mask_k) = self.split(weights), self.split(mask)
         en_map = tokens_to_map(fuse(taps, self.fuse_groups_eval)[-1], prefix, grid)
 
+        # Maps accumulate in the input's dtype; under bf16 autocast the expert outputs are bf16.
         map_p = image.new_zeros(b, *grid)
         for i, run in enumerate(self._patch_runs(taps, self.fuse_groups_eval, mask_p, grid)):
             if run is not None:
                 distance = 1 - F.cosine_similarity(en_map[run.rows], run.de_maps[-1], dim=1)  # (n, h, w)
-                map_p.index_add_(0, run.rows, w_p[run.rows, i, None, None] * distance)
+                map_p.index_add_(0, run.rows, (w_p[run.rows, i, None, None] * distance).to(map_p.dtype))
 
         map_g = image.new_zeros(b, *grid)
         for j, run in enumerate(self._global_runs(image_ae, mask_g, grid)):
             if run is not None:
                 distance = (run.autoencoder - run.student).pow(2).mean(dim=1)  # (n, h, w)
-                map_g.index_add_(0, run.rows, w_g[run.rows, j, None, None] * distance)
+                map_g.index_add_(0, run.rows, (w_g[run.rows, j, None, None] * distance).to(map_g.dtype))
 
         map_k = image.new_zeros(b, 1, height, width)
         features, image_index = self._components(taps, masks, num_masks, grid)
         if features.shape[0]:
-            scores = features.new_zeros(features.shape[0])
+            scores = features.new_zeros(features.shape[0], dtype=image.dtype)  # accumulated in the input's dtype
             for m, run in enumerate(self._component_runs(features, image_index, mask_k)):
                 if run is not None:
                     distance = 1 - F.cosine_similarity(run.reconstruction, features[run.rows], dim=1)
-                    scores.index_add_(0, run.rows, w_k[image_index[run.rows], m] * distance)
+                    scores.index_add_(0, run.rows, (w_k[image_index[run.rows], m] * distance).to(scores.dtype))
             per_mask = masks.new_zeros(masks.shape[:2], dtype=scores.dtype)  # (B, K), padding scores 0
             valid = torch.arange(masks.shape[1], device=masks.device)[None] < num_masks[:, None]
             per_mask[valid] = scores

@@ -1,7 +1,14 @@
-"""mode=benchmark: our model against the original's computation structure (speed, memory)."""
+"""mode=benchmark: our model against the original's computation structure (speed, memory).
+
+The measuring code lives in ``benchmarks/model_speed.py``; this mode builds the configured model
+(random backbone weights: timing does not depend on them, and nothing is downloaded), runs the
+preset's variants (``benchmark.variants``: e.g. fp32 and bf16, with and without compiled
+experts) one after the other, prints the reports and appends dated rows to ``benchmark.file``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -9,33 +16,62 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from src.benchmark import BenchmarkSettings, append_to_benchmarks, format_report, ratios, run_benchmark
 from src.models.anomalymoe import AnomalyMoE
 
 log = logging.getLogger(__name__)
 
+TABLES = ("summary", "detailed")
+
+
+def settings_from_config(bench: dict) -> list:
+    """One ``BenchmarkSettings`` per entry of ``variants`` (each overrides the preset's values),
+    or the preset itself without variants."""
+    from benchmarks.model_speed import BenchmarkSettings
+
+    names = {f.name for f in dataclasses.fields(BenchmarkSettings)}
+    base = {k: (tuple(v) if isinstance(v, list) else v) for k, v in bench.items() if k in names}
+    variants = bench.get("variants") or [{}]
+    for i, variant in enumerate(variants):
+        unknown = sorted(set(variant) - names)
+        if unknown:
+            raise ValueError(f"benchmark.variants[{i}] has unknown keys {unknown}; known: {sorted(names)}")
+    return [BenchmarkSettings(**{**base, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in variant.items()}})
+            for variant in variants]
+
 
 def run(cfg: DictConfig) -> float | None:
-    bench = cfg.benchmark
-    fields = set(BenchmarkSettings.__dataclass_fields__)
-    settings = BenchmarkSettings(**{k: (tuple(v) if isinstance(v, list) else v)
-                                    for k, v in OmegaConf.to_container(bench, resolve=True).items() if k in fields})
+    from benchmarks.model_speed import append_detailed_rows, append_to_benchmarks, format_report, ratios, run_benchmark
+
+    bench = OmegaConf.to_container(cfg.benchmark, resolve=True)
+    table = bench.get("table", "summary")
+    if table not in TABLES:
+        raise ValueError(f"benchmark.table={table!r}: choose one of {TABLES}")
+    all_settings = settings_from_config(bench)  # checks every variant before the first measurement
     model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))  # not struct: deltas may add keys
-    model_cfg = OmegaConf.merge(model_cfg, OmegaConf.to_container(bench.get("model") or {}, resolve=True))
+    model_cfg = OmegaConf.merge(model_cfg, bench.get("model") or {})
     # Timing does not depend on the weights: the benchmark never downloads or reads them.
     model_cfg.backbone.weights = "random"
 
-    def build_net(**overrides) -> AnomalyMoE:
-        return hydra.utils.instantiate(OmegaConf.merge(model_cfg, overrides))
+    def build_net(net_class: type[AnomalyMoE], **options) -> AnomalyMoE:
+        return hydra.utils.instantiate(model_cfg, **options, _target_=f"{net_class.__module__}.{net_class.__qualname__}")
 
-    results = run_benchmark(build_net, settings)
-    report = format_report(results)
-    print("\n" + report + "\n", flush=True)
+    def build_module(module_class: type, net: AnomalyMoE):
+        # The run's loss weights and optimisers; the speed options are the benchmark's own.
+        return hydra.utils.instantiate(cfg.module, net=net, compile_experts=False, channels_last=False,
+                                       _target_=f"{module_class.__module__}.{module_class.__qualname__}")
+
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.md").write_text(report + "\n")
-    (out / "benchmark.json").write_text(json.dumps({"ratios": ratios(results), "report": report}, indent=2))
-    if bench.get("write", True):
-        append_to_benchmarks(results, Path(bench.file))
-        log.info("Appended a row to %s", bench.file)
-    return ratios(results).get("inference_speedup_b8")
+    reports, metric = [], None
+    for settings in all_settings:
+        results = run_benchmark(build_net, settings, build_module)
+        report = format_report(results)
+        print("\n" + report + "\n", flush=True)
+        reports.append({"ratios": ratios(results), "report": report})
+        if bench.get("write", True):
+            (append_detailed_rows if table == "detailed" else append_to_benchmarks)(results, Path(bench["file"]))
+            log.info("Appended rows to %s", bench["file"])
+        metric = metric if metric is not None else ratios(results).get("inference_speedup_b8")
+    (out / "benchmark.md").write_text("\n\n".join(r["report"] for r in reports) + "\n")
+    (out / "benchmark.json").write_text(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+    return metric

@@ -119,6 +119,7 @@ def run(cfg: DictConfig) -> float | None:
     datamodule, module = build_module(cfg)
     load_weights(module, checkpoint, calibration=not cfg.evaluation.recalibrate)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu" else "cpu")
+    module.configure_model()  # the speed options (module.compile_experts, module.channels_last)
     module.to(device).eval()
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
