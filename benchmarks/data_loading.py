@@ -4,7 +4,7 @@
 
 Writes synthetic full-size images in the MVTec AD layout (``--png`` images of 1024 x 1024
 PNG like MVTec AD's large classes and ``--jpg`` images of 1500 x 1000 JPEG like VisA's), builds
-the training loader the way ``dataset=[...]`` does (:class:`MultiSourceDataModule`, batch 8,
+the training loader the way ``dataset=[...]`` does (:class:`AnomalyDataModule`, batch 8,
 ``image``, ``image_ae``, workers as given) and times ``--batches`` batches after ``--warmup``
 (worker start-up excluded). Prints one JSON line per setting: images/s overall and per worker.
 """
@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_modules.multi import MultiSourceDataModule  # noqa: E402
+from data_modules.multi import AnomalyDataModule  # noqa: E402
 
 
 def natural_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -49,7 +49,7 @@ def write_dataset(root: Path, num_png: int, num_jpg: int) -> None:
 
 
 def measure(root: Path, workers: int, batches: int, warmup: int, batch_size: int) -> dict:
-    dm = MultiSourceDataModule(
+    dm = AnomalyDataModule(
         sources={"bench": {"kind": "mvtec_ad", "root": str(root)}},
         image_size=392, resize=448, batch_size=batch_size, num_workers=workers,
     )

@@ -4,7 +4,7 @@
 
 Writes ``--images`` synthetic full-size images in the MVTec AD layout (half 1024 x 1024 PNG,
 half 1500 x 1000 JPEG; a fifth of them anomalous test images with a mask each) and a
-component-mask file per image, then times :meth:`MultiSourceDataModule.check_samples` for the
+component-mask file per image, then times :meth:`AnomalyDataModule.check_samples` for the
 ``fit`` stage (listing, every image's and mask's header, mask sizes, duplicate names), without
 and with the component-mask files. The files were just written, so their headers come from the
 page cache, as in a second run over a dataset. Prints one JSON line per check.
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.data_loading import natural_image  # noqa: E402
 from data_modules.components import save_component_masks  # noqa: E402
-from data_modules.multi import MultiSourceDataModule  # noqa: E402
+from data_modules.multi import AnomalyDataModule  # noqa: E402
 
 
 def write_dataset(root: Path, count: int, components: Path | None) -> None:
@@ -60,7 +60,7 @@ def main() -> None:
         print(json.dumps({"wrote_images": args.images, "seconds": round(time.perf_counter() - start, 1)}), flush=True)
         for repeat in range(args.repeats):
             for masks in (None, components):
-                dm = MultiSourceDataModule({"synthetic": {"root": str(root), "component_masks": masks}}, num_workers=0)
+                dm = AnomalyDataModule({"synthetic": {"root": str(root), "component_masks": masks}}, num_workers=0)
                 start = time.perf_counter()
                 dm.check_samples("fit")
                 seconds = time.perf_counter() - start

@@ -8,7 +8,7 @@ Every dataset family is normalised to the MVTec AD layout::
     <root>/<class>/validation/<type>/*.png        (optional: a dataset's own validation split)
     <root>/<class>/ground_truth_validation/<type>/<stem>_mask.png
 
-A family only has to list its samples (:meth:`AnomalyDataModule.list_samples`).
+A family only has to list its samples (:meth:`SourceDataModule.list_samples`).
 """
 
 from __future__ import annotations
@@ -340,7 +340,7 @@ def evenly_spaced(samples: Sequence[Sample], count: int | None) -> list[Sample]:
     return [samples[i] for i in np.linspace(0, len(samples) - 1, count).round().astype(int)]
 
 
-class SampleLoaders(LightningDataModule):
+class LoaderDataModule(LightningDataModule):
     """The loaders of a datamodule that has built ``train_set``, ``val_set`` and ``test_set`` in
     ``setup`` and has ``name``, ``batch_size``, ``test_batch_size`` and ``num_workers``."""
 
@@ -374,8 +374,10 @@ class SampleLoaders(LightningDataModule):
         return self._loader(self.test_set, self.test_batch_size, train=False)
 
 
-class AnomalyDataModule(SampleLoaders):
-    """Base datamodule: a family lists samples; this class builds datasets and loaders.
+class SourceDataModule(LoaderDataModule):
+    """One dataset source in the MVTec AD layout: a source kind (:mod:`data_modules.sources`) lists
+    its samples; this class builds datasets and loaders. Runs use :class:`data_modules.multi.AnomalyDataModule`,
+    which holds one or more sources.
 
     A family whose ``reads_source`` is true reads ``dataset.source`` in place (no ``mode=prepare``).
 

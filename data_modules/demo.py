@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_modules.base import AnomalyDataModule
+from data_modules.base import SourceDataModule
 from data_modules.components import component_path, save_component_masks
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def generate_demo_dataset(
     return True
 
 
-class DemoDataModule(AnomalyDataModule):
+class DemoDataModule(SourceDataModule):
     """The demo dataset; generated on first use (``prepare_data``) under ``root``."""
 
     def __init__(

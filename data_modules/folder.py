@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_modules.base import IMAGE_EXTENSIONS, AnomalyDataModule, DataError, Sample
+from data_modules.base import IMAGE_EXTENSIONS, DataError, Sample, SourceDataModule
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def held_out(count: int, fraction: float, seed: int) -> set[int]:
     return set(np.random.default_rng(seed).permutation(count)[:take].tolist())
 
 
-class FolderDataModule(AnomalyDataModule):
+class FolderDataModule(SourceDataModule):
     """A user's folder of images (module docstring).
 
     Args:

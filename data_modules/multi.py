@@ -25,11 +25,11 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from data_modules.base import (
-    AnomalyDataModule,
     AnomalyDataset,
     DataError,
+    LoaderDataModule,
     Sample,
-    SampleLoaders,
+    SourceDataModule,
     evenly_spaced,
     set_max_image_pixels,
 )
@@ -92,8 +92,9 @@ class _BalancedIterator(Iterator[int]):
         self.sampler.epoch = self.epoch + 1
 
 
-class MultiSourceDataModule(SampleLoaders):
-    """Several datasets as one: the union of their classes, keyed ``<dataset>/<class>``.
+class AnomalyDataModule(LoaderDataModule):
+    """The data module of every run: one or more dataset sources as one, the union of their
+    classes, keyed ``<dataset>/<class>``.
 
     Args:
         sources: ``{name: settings}``; settings hold ``kind`` (a source kind, see
@@ -110,7 +111,7 @@ class MultiSourceDataModule(SampleLoaders):
         skip_bad: ``mode=prepare`` leaves unusable inputs out (counted) instead of stopping.
         max_image_pixels: images with more pixels are refused with an error naming the file
             (None: Pillow's limit, 89.5 million).
-        The remaining arguments are the loader settings of :class:`AnomalyDataModule`, shared by
+        The remaining arguments are the loader settings of :class:`SourceDataModule`, shared by
         every source; other keyword arguments are source settings of the single source.
     """
 
@@ -159,7 +160,7 @@ class MultiSourceDataModule(SampleLoaders):
                       num_workers=num_workers, jitter=jitter, eval_jitter=eval_jitter, gt_resize=gt_resize,
                       val_fraction=val_fraction, validation_split=validation_split)
         self.label = name if name and len(sources) > 1 and name not in sources else "+".join(sources)
-        self.modules: dict[str, AnomalyDataModule] = {}
+        self.modules: dict[str, SourceDataModule] = {}
         self.download_dirs: dict[str, str | None] = {}
         for key, settings in sources.items():
             settings = {**dict(settings), **overrides}

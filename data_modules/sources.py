@@ -24,7 +24,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from data_modules.base import AnomalyDataModule, DataError
+from data_modules.base import DataError, SourceDataModule
 from data_modules.demo import DemoDataModule
 from data_modules.folder import FolderDataModule
 from data_modules.prepare import mvtec, others
@@ -40,7 +40,7 @@ CONVERTERS: dict[str, Callable[..., None]] = {
 }
 
 
-class PreparedSource(AnomalyDataModule):
+class PreparedSource(SourceDataModule):
     """A downloaded dataset: converted by ``mode=prepare`` with ``CONVERTERS[kind]``, then read
     in the MVTec AD layout (the base class).
 
@@ -58,14 +58,14 @@ class PreparedSource(AnomalyDataModule):
         self.converter(source, writer)
 
 
-SOURCE_KINDS: dict[str, Callable[..., AnomalyDataModule]] = {
+SOURCE_KINDS: dict[str, Callable[..., SourceDataModule]] = {
     **{kind: partial(PreparedSource, kind) for kind in CONVERTERS},
     "demo": DemoDataModule,
     "folder": FolderDataModule,
 }
 
 
-def source_class(kind: str) -> type[AnomalyDataModule]:
+def source_class(kind: str) -> type[SourceDataModule]:
     """The data module class of a source ``kind``."""
     if kind not in SOURCE_KINDS:
         raise DataError(f"dataset.sources.<name>.kind={kind!r} is not a source kind; use one of {sorted(SOURCE_KINDS)}")
@@ -73,7 +73,7 @@ def source_class(kind: str) -> type[AnomalyDataModule]:
     return factory.func if isinstance(factory, partial) else factory
 
 
-def build_source(kind: str, **settings) -> AnomalyDataModule:
+def build_source(kind: str, **settings) -> SourceDataModule:
     """The data module reading one source of ``kind`` with its ``settings``."""
     source_class(kind)  # an unknown kind is named
     return SOURCE_KINDS[kind](**settings)

@@ -81,7 +81,7 @@ def build_components(cfg: DictConfig) -> tuple[LightningDataModule, AnomalyMoEMo
 
 def require_component_masks(cfg: DictConfig, datamodule: LightningDataModule | None = None) -> None:
     """Training with component experts needs the datasets' component masks (the data side's
-    policy: :meth:`data_modules.multi.MultiSourceDataModule.require_component_masks`)."""
+    policy: :meth:`data_modules.multi.AnomalyDataModule.require_component_masks`)."""
     experts = cfg.model.get("num_component_experts", 0)
     if experts:
         (datamodule or hydra.utils.instantiate(cfg.dataset)).require_component_masks(experts)

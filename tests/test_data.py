@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_modules.base import AnomalyDataModule, AnomalyTransforms, DataError, collate_samples, open_image
+from data_modules.base import AnomalyTransforms, DataError, SourceDataModule, collate_samples, open_image
 from data_modules.components import component_path, read_component_masks, save_component_masks
 from data_modules.demo import generate_demo_dataset
 
@@ -36,7 +36,7 @@ def mvtec_tree(tmp_path):
 def datamodule(root, **kw):
     args = dict(root=str(root), name="mvtec_ad", image_size=56, resize=64, batch_size=2, test_batch_size=2, num_workers=0)
     args.update(kw)
-    return AnomalyDataModule(**args)
+    return SourceDataModule(**args)
 
 
 def test_mvtec_layout_is_listed_and_aligned(mvtec_tree):

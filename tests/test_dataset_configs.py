@@ -33,7 +33,7 @@ def test_every_source_names_a_registered_kind():
 
 def test_an_unknown_source_kind_lists_the_kinds():
     from data_modules.base import DataError
-    from data_modules.multi import MultiSourceDataModule
+    from data_modules.multi import AnomalyDataModule
 
     with pytest.raises(DataError, match=r"kind='mvtech' is not a source kind; use one of \['bmad', 'demo', 'folder'"):
-        MultiSourceDataModule({"mine": {"kind": "mvtech", "root": "/tmp/unused"}})
+        AnomalyDataModule({"mine": {"kind": "mvtech", "root": "/tmp/unused"}})

@@ -255,7 +255,7 @@ def test_segment_then_train_from_the_command_line(small_demo_root, tmp_path):
 
 def test_every_image_extension_is_segmented(tmp_path):
     """Test images in any extension get masks (the original globbed test folders for *.png only)."""
-    from data_modules.base import AnomalyDataModule
+    from data_modules.base import SourceDataModule
 
     root = tmp_path / "data"
     rng = np.random.default_rng(0)
@@ -266,7 +266,7 @@ def test_every_image_extension_is_segmented(tmp_path):
         img = np.clip(img + rng.integers(-5, 5, img.shape), 0, 255).astype(np.uint8)
         (root / "part" / split / kind).mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(root / "part" / split / kind / name, quality=95)
-    datamodule = AnomalyDataModule(str(root), "jpegs", image_size=28, resize=32, num_workers=0)
+    datamodule = SourceDataModule(str(root), "jpegs", image_size=28, resize=32, num_workers=0)
     segmenter = ClusterSegmenter(ColorFeatures(stride=2), coreset_ratio=1.0, refine_settings=RefineSettings(iterations=1))
     report = segment_dataset(datamodule, segmenter, tmp_path / "masks", k=2, image_size=32)
     assert report.computed == 4 and report.classes[0].kept == [next(iter(set(range(2)) - set(report.classes[0].dropped)))]

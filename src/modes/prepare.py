@@ -17,14 +17,14 @@ import hydra
 from omegaconf import DictConfig
 
 from data_modules.base import DataError
-from data_modules.multi import MultiSourceDataModule
+from data_modules.multi import AnomalyDataModule
 from data_modules.prepare import prepare_dataset
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> float | None:
-    datamodule: MultiSourceDataModule = hydra.utils.instantiate(cfg.dataset)
+    datamodule: AnomalyDataModule = hydra.utils.instantiate(cfg.dataset)
     report, failed = {}, {}
     for name, module in datamodule.modules.items():
         source = datamodule.download_dirs.get(name)

@@ -16,7 +16,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor
 
-from data_modules.base import AnomalyDataModule, DataError, Sample, open_image
+from data_modules.base import DataError, Sample, SourceDataModule, open_image
 from data_modules.components import component_path, read_component_masks, save_component_masks
 from src.segment import cache
 from src.segment.parts import BackgroundRule, Prototypes
@@ -164,7 +164,7 @@ def segment_class(
 
 
 def segment_dataset(
-    datamodule: AnomalyDataModule,
+    datamodule: SourceDataModule,
     segmenter: Segmenter,
     output: Path,
     k: int,
@@ -195,7 +195,7 @@ def segment_dataset(
     return report
 
 
-def part_iou(output: Path, truth: Path, datamodule: AnomalyDataModule, splits: Sequence[str] = ("train", "test")) -> dict:
+def part_iou(output: Path, truth: Path, datamodule: SourceDataModule, splits: Sequence[str] = ("train", "test")) -> dict:
     """Mean best-match IoU per class: for every true part present in an image, the best IoU
     with any produced mask of that image. Classes without true parts are reported with None."""
     result = {}
