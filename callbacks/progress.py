@@ -33,6 +33,12 @@ class StepProgressBar(RichProgressBar):
             self._update(self.train_progress_bar_id, trainer.global_step)  # a resumed run starts where it stopped
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self._max_steps():
-            self._update(self.train_progress_bar_id, trainer.global_step)
+        if not self._max_steps():
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        # Lightning's own update would first set the bar to the batch index of the epoch; the bar
+        # moves only forward, by optimiser steps, so its speed column is right.
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()  # resumed mid-epoch
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)

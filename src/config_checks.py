@@ -39,6 +39,8 @@ HARMLESS_WARNINGS = (
      "the frozen DINOv2 encoder stays in eval mode on purpose"),
     (r"The number of training batches \(\d+\) is smaller than the logging interval", Warning,
      "training runs for trainer.max_steps across epochs; logging is per step"),
+    (r"Using ModelCheckpoint with manual optimization and every_n_train_steps", Warning,
+     "step_<n>.ckpt holds the weights after step n's update, which is what a resume from step n continues from"),
 )
 
 

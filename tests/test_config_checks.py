@@ -89,6 +89,8 @@ def test_known_harmless_warnings_are_silenced():
         silence_harmless_warnings()
         warnings.warn("'set_vital' is deprecated, please do not call", UserWarning)
         warnings.warn("Found 277 module(s) in eval mode at the start of training.", UserWarning)
+        warnings.warn("Using ModelCheckpoint with manual optimization and every_n_train_steps, but no "
+                      "pre-optimization state was saved.", UserWarning)
         warnings.warn("something else", UserWarning)
     assert [str(w.message) for w in caught] == ["something else"]
 
@@ -99,7 +101,15 @@ def test_progress_bar_counts_steps_of_max_steps(tmp_path):
 
     from callbacks.progress import StepProgressBar
 
-    bar = StepProgressBar()
+    class Recording(StepProgressBar):
+        shown: list[int] = []
+
+        def _update(self, progress_bar_id, current, visible=True, hard=False):
+            if progress_bar_id is not None and progress_bar_id == self.train_progress_bar_id:
+                self.shown.append(current)
+            super()._update(progress_bar_id, current, visible, hard)
+
+    bar = Recording()
     trainer = Trainer(max_steps=5, max_epochs=-1, limit_train_batches=2, limit_val_batches=0, callbacks=[bar],
                       logger=False, enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(BoringModel())
@@ -107,6 +117,7 @@ def test_progress_bar_counts_steps_of_max_steps(tmp_path):
     assert task.description.startswith("Training steps")
     assert (task.completed, task.total) == (5, 5)
     assert len(bar.progress.tasks) == 1  # one bar over the three epochs
+    assert bar.shown == sorted(bar.shown) and bar.shown[-1] == 5  # only forward (a right speed column)
 
 
 def test_switched_off_progress_bar_leaves_the_callback_out(tmp_path):
