@@ -14,6 +14,7 @@ A family only has to list its samples (:meth:`SourceDataModule.list_samples`).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,6 +353,28 @@ class LoaderDataModule(LightningDataModule):
         """How training samples are drawn; None: a seeded shuffle."""
         return None
 
+    def sources(self) -> dict[str, SourceDataModule]:
+        """The dataset sources this data module reads, by name."""
+        raise NotImplementedError
+
+    def check_samples(self, stage: str | None) -> None:
+        """Check every image and mask the stage reads (``fit``: training, validation and test
+        splits of every source, so nothing is found after training) once; all problems of all
+        sources in one error (:mod:`data_modules.validate`)."""
+        if getattr(self, "_checked", False):
+            return
+        from data_modules.validate import raise_problems, validate_samples
+
+        sources, samples = self.sources(), []
+        for source in sources.values():
+            val, test = source.split_samples()
+            samples += (source.samples("train") if stage in (None, "fit") else []) + val + test
+        start = time.perf_counter()
+        problems = validate_samples(samples, {name: m.component_root for name, m in sources.items()})
+        log.info("%s: checked %d images and their masks in %.1f s", self.name, len(samples), time.perf_counter() - start)
+        raise_problems(problems, f"dataset '{self.name}'", {name: m.root for name, m in sources.items()})
+        self._checked = stage in (None, "fit")
+
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
         # Every training sampler keeps its state in the stateful training loader.
         return make_loader(dataset, batch_size, train, self.num_workers, self.train_sampler() if train else None)
@@ -476,18 +499,8 @@ class SourceDataModule(LoaderDataModule):
         return [f"{self.name}/{c}" for c in self.class_names()]
 
     # ------------------------------------------------------------------ datasets
-    def check_samples(self, stage: str | None) -> None:
-        """Check every image and mask the stage reads (``fit``: training, validation and test
-        splits, so nothing is found after training) once; all problems in one error."""
-        if getattr(self, "_checked", False):
-            return
-        from data_modules.validate import raise_problems, validate_samples
-
-        val, test = self.split_samples()
-        samples = (self.samples("train") if stage in (None, "fit") else []) + val + test
-        raise_problems(validate_samples(samples, {self.name: self.component_root}), f"dataset '{self.name}'",
-                       {self.name: self.root})
-        self._checked = stage in (None, "fit")
+    def sources(self) -> dict[str, SourceDataModule]:
+        return {self.name: self}
 
     def setup(self, stage: str | None = None) -> None:
         keys = self.test_class_keys

@@ -15,7 +15,6 @@ per class and per dataset.
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -253,23 +252,8 @@ class AnomalyDataModule(LoaderDataModule):
     def _dataset(self, samples: list[Sample], jitter_ae: bool) -> AnomalyDataset:
         return AnomalyDataset(samples, self.transforms, self.test_class_keys, jitter_ae, self.component_root)
 
-    def check_samples(self, stage: str | None) -> None:
-        """Check every image and mask the stage reads (``fit``: training, validation and test
-        splits of every dataset, so nothing is found after training) once; all problems of all
-        datasets in one error."""
-        if self._checked:
-            return
-        from data_modules.validate import raise_problems, validate_samples
-
-        samples = []
-        for module in self.modules.values():
-            val, test = module.split_samples()
-            samples += (module.samples("train") if stage in (None, "fit") else []) + val + test
-        start = time.perf_counter()
-        problems = validate_samples(samples, {name: m.component_root for name, m in self.modules.items()})
-        log.info("%s: checked %d images and their masks in %.1f s", self.name, len(samples), time.perf_counter() - start)
-        raise_problems(problems, f"dataset '{self.name}'", {name: m.root for name, m in self.modules.items()})
-        self._checked = stage in (None, "fit")
+    def sources(self) -> dict[str, SourceDataModule]:
+        return self.modules
 
     def setup(self, stage: str | None = None) -> None:
         self.check_samples(stage)

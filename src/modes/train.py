@@ -35,7 +35,7 @@ def run(cfg: DictConfig) -> float | None:
         if rank_zero_only.rank == 0:
             data.prepare_data()  # the demo generator also writes its true part masks
         data.class_names()  # a missing dataset is reported before its missing masks
-        require_component_masks(cfg)
+        require_component_masks(cfg, data)
     datamodule, module, trainer = build_components(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metric = cfg.get("optimized_metric")
