@@ -35,10 +35,20 @@ class LossWeights:
     lambda_eir: float = 1e-4  # EIR coefficient
     hard_mining_ratio: float = 0.1  # fraction of hardest points keeping their full gradient
     hard_mining_factor: float = 0.1  # gradient factor of the other points
+    # "original": the original's rule (SPEC 7.1): k = int(n * (1 - (1 - ratio))) in floating point
+    # (7 of 80 points, not 8) and every fuse group of an expert scaled with the last group's mask;
+    # "per_group": k = int(n * ratio) and each group's own mask (a documented fix).
+    hard_mining: str = "original"
     global_scale: float = 0.1  # scale of the global-expert loss
     component_scale: float = 0.1  # scale of the component-expert loss
     capacity_factor: float = 4.0  # ESB load term: capacity = capacity_factor * B / E
     club_full_likelihood: bool = False  # True adds the -log(var) term the original omits (SPEC B6)
+
+    HARD_MINING = ("original", "per_group")
+
+    def __post_init__(self) -> None:
+        if self.hard_mining not in self.HARD_MINING:
+            raise ValueError(f"module.loss.hard_mining={self.hard_mining!r} is not one of {list(self.HARD_MINING)}")
 
 
 def _scale_easy_gradients(tensor: Tensor, easy: Tensor, factor: float) -> None:
@@ -52,13 +62,28 @@ def _scale_easy_gradients(tensor: Tensor, easy: Tensor, factor: float) -> None:
         tensor.register_hook(lambda grad: grad * scale)
 
 
+def hard_mining_k(points: int, weights: LossWeights) -> int:
+    """How many of ``points`` distances keep their full gradient.
+
+    The original computes ``int(n * (1 - p_hm))`` with ``p_hm = 0.9``; ``1 - 0.9`` is
+    0.09999999999999998, so n = 80 keeps 7 points. ``per_group`` keeps ``int(n * ratio)`` (8).
+    """
+    if weights.hard_mining == "original":
+        k = int(points * (1 - (1 - weights.hard_mining_ratio)))
+    else:
+        k = int(points * weights.hard_mining_ratio)
+    return max(1, k)
+
+
 def patch_loss(
     en_maps: Sequence[Tensor], runs: Sequence[PatchRun | None], routing: Tensor, weights: LossWeights
 ) -> Tensor:
     """L_patch = sum_i mean_b r_bi * mean_g mean_hw (1 - cos(E_g, D_ig)) (SPEC 7.1).
 
     Hard mining only shapes gradients: points below the k-th largest distance of this expert
-    and group (k = ratio * points) get their gradient scaled by ``hard_mining_factor``.
+    and group (k from :func:`hard_mining_k`) get their gradient scaled by ``hard_mining_factor``.
+    With ``hard_mining="original"`` every group of an expert is scaled with the easy points of
+    its *last* group, as the original's late-bound hook does; ``per_group`` uses each group's own.
     """
     batch = routing.shape[0]
     total = routing.new_zeros(())
@@ -66,13 +91,17 @@ def patch_loss(
         if run is None:
             continue
         per_image = 0.0
+        easy_masks = []
         for en_map, de_map in zip(en_maps, run.de_maps, strict=True):
             distance = 1 - F.cosine_similarity(en_map[run.rows].detach(), de_map, dim=1)  # (n, h, w)
             with torch.no_grad():
-                k = max(1, int(distance.numel() * weights.hard_mining_ratio))
-                threshold = torch.topk(distance.flatten(), k).values[-1]
-            _scale_easy_gradients(de_map, distance.detach() < threshold, weights.hard_mining_factor)
+                threshold = torch.topk(distance.flatten(), hard_mining_k(distance.numel(), weights)).values[-1]
+                easy_masks.append(distance < threshold)
             per_image = per_image + distance.mean(dim=(1, 2))
+        if weights.hard_mining == "original":
+            easy_masks = [easy_masks[-1]] * len(easy_masks)
+        for de_map, easy in zip(run.de_maps, easy_masks, strict=True):
+            _scale_easy_gradients(de_map, easy, weights.hard_mining_factor)
         per_image = per_image / len(run.de_maps)
         total = total + (routing[run.rows, i] * per_image).sum() / batch
     return total
@@ -163,10 +192,13 @@ class CLUBEstimator(nn.Module):
         mu, logvar = call(self.nets[group], x)
         return x, y, mu, logvar
 
-    def upper_bound(self, group: str, x: Tensor, y: Tensor, frozen: bool = True) -> Tensor:
-        """CLUB bound 1/2 mean_b [log q(y_b|x_b) - log q(y_pi(b)|x_b)] (without constants)."""
+    def upper_bound(self, group: str, x: Tensor, y: Tensor, frozen: bool = True, perm: Tensor | None = None) -> Tensor:
+        """CLUB bound 1/2 mean_b [log q(y_b|x_b) - log q(y_pi(b)|x_b)] (without constants);
+        ``perm`` is pi (a fresh ``torch.randperm`` when not given)."""
         x, y, mu, logvar = self._heads(group, x, y, frozen)
-        shuffled = y[torch.randperm(y.shape[0], device=y.device)]
+        if perm is None:
+            perm = torch.randperm(y.shape[0], device=y.device)
+        shuffled = y[perm]
         positive = -((mu - y) ** 2) / logvar.exp()
         negative = -((mu - shuffled) ** 2) / logvar.exp()
         return (positive.sum(-1) - negative.sum(-1)).mean() / 2
@@ -271,7 +303,8 @@ class Objective:
         esb = esb_loss(out.logits, out.expert_mask, w.capacity_factor)
         pairs = self.eir_pairs(out)
         # Mean over the two groups as in the original; a group without a pair counts 0.
-        bounds = [self.estimator.upper_bound(g, x, y) for g, (x, y) in pairs.items()]
+        bounds = [self.estimator.upper_bound(g, x, y, perm=self.shuffle(x.shape[0], x.device))
+                  for g, (x, y) in pairs.items()]
         eir = torch.stack(bounds).sum() / 2 if bounds else out.logits.new_zeros(())
         recon = patch + global_ + component
         return LossTerms(
@@ -280,6 +313,11 @@ class Objective:
             eir=eir, recon=recon, loss=recon + w.lambda_eir * eir + w.lambda_esb * esb["total"],
             estimator=self.estimator_loss(pairs, out.logits), pairs=pairs,
         )
+
+    def shuffle(self, n: int, device: torch.device) -> Tensor:
+        """The permutation of the CLUB bound's negatives (the original's ``torch.randperm``); with
+        ``pair_rng``, the objective's random draws."""
+        return torch.randperm(n, device=device)
 
     def eir_pairs(self, out: TrainOutput) -> dict[str, tuple[Tensor, Tensor]]:
         """The (x, y) feature pairs of two experts per group (groups without a pair left out)."""

@@ -4,10 +4,17 @@ Training uses manual optimisation because two optimisers step every iteration (S
 1. the main objective (patch, global, component, ESB, EIR) with StableAdamW, gradients
    clipped to ``gradient_clip``;
 2. the CLUB estimator, maximising the log-likelihood of the expert pairs chosen for EIR.
-   Unlike the original, which runs a second full forward pass (no grad, new dropout masks)
-   after the main update only to get those pooled vectors, the estimator trains on the
-   *detached* features of the same forward pass, i.e. the features from before this step's
-   update. This saves about a third of the step time; both losses share one backward pass.
+   ``estimator_update`` chooses its features:
+
+   * ``"second_forward"``: the original's step. After the main update, a second forward pass
+     of the batch (no grad, train mode, new dropout masks, new EIR pairs) gives the estimator
+     the updated model's features; then the estimator steps.
+   * ``"same_forward"`` (default, a documented difference): the estimator trains on the
+     *detached* features of the same forward pass and the same pairs, i.e. the features from
+     before this step's update. Both losses share one backward pass and the second forward
+     pass is saved (about a third of the step time); the estimator lags the experts by one
+     update, which shifts EIR slightly from the original's (guarded by
+     ``tests/test_trajectory.py``).
 
 Resumable state (saved in every checkpoint, per rank): the random stream of the training
 steps (dropout masks, the CLUB shuffles) and ``pair_rng`` (which experts EIR pairs). Training
@@ -66,7 +73,10 @@ class AnomalyMoEModule(LightningModule):
         (applied in ``configure_model``, see :func:`src.models.acceleration.accelerate`).
     channels_last: the global experts in channels-last memory format (faster convolutions on
         recent GPUs).
+    estimator_update: ``"same_forward"`` or the original's ``"second_forward"`` (see above).
     """
+
+    ESTIMATOR_UPDATES = ("same_forward", "second_forward")
 
     def __init__(
         self,
@@ -81,8 +91,12 @@ class AnomalyMoEModule(LightningModule):
         compile_experts: bool = False,
         channels_last: bool = False,
         compile_backend: str = "inductor",
+        estimator_update: str = "same_forward",
     ) -> None:
         super().__init__()
+        if estimator_update not in self.ESTIMATOR_UPDATES:
+            raise ConfigError(f"module.estimator_update={estimator_update!r} is not one of {list(self.ESTIMATOR_UPDATES)}")
+        self.estimator_update = estimator_update
         self.automatic_optimization = False
         self.net = net
         self.loss_weights = loss or LossWeights()
@@ -211,31 +225,51 @@ class AnomalyMoEModule(LightningModule):
         # Only the main optimiser's Lightning wrapper steps: Lightning counts global_step per
         # wrapped optimiser step, and trainer.max_steps means training iterations here.
         est_opt = est_opt.optimizer
+        main_params = [p for g in main_opt.param_groups for p in g["params"]]
+        est_params = [p for g in est_opt.param_groups for p in g["params"]]
+        second_forward = self.estimator_update == "second_forward"
         with self._step_random_stream():
-            out = self.net.forward_train(batch["image"], batch.get("image_ae"), batch.get("masks"), batch.get("num_masks"))
+            out = self.net.forward_train(*self._inputs(batch))
             terms = self.objective(out)
             main_opt.zero_grad(set_to_none=True)
             est_opt.zero_grad(set_to_none=True)
-            # The estimator's loss and the main objective touch disjoint parameters, so one backward
-            # pass serves both.
-            self.manual_backward(terms.loss + terms.estimator)
-        grad_norm = _clip([p for g in main_opt.param_groups for p in g["params"]], self.gradient_clip)
-        _clip([p for g in est_opt.param_groups for p in g["params"]], self.gradient_clip)
-        main_opt.step()
+            if second_forward:
+                self.manual_backward(terms.loss)
+            else:
+                # The estimator's loss and the main objective touch disjoint parameters, so one
+                # backward pass serves both.
+                self.manual_backward(terms.loss + terms.estimator)
+            grad_norm = _clip(main_params, self.gradient_clip)
+            lr = main_opt.param_groups[0]["lr"]  # this step's (the scheduler moves it on below)
+            main_opt.step()
+            if second_forward:
+                with torch.no_grad():
+                    again = self.net.forward_train(*self._inputs(batch))  # the updated model, new pairs
+                    pairs = self.objective.eir_pairs(again)
+                terms.estimator = self.objective.estimator_loss(pairs, again.logits)
+                if terms.estimator.requires_grad:
+                    self.manual_backward(terms.estimator)
+        est_grad_norm = _clip(est_params, self.gradient_clip)
         est_opt.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
 
-        self._log_training(terms, out, grad_norm, main_opt, batch.get("dataset"))
+        self._log_training(terms, out, grad_norm, est_grad_norm, lr, batch.get("dataset"))
         return terms.loss
 
+    @staticmethod
+    def _inputs(batch: dict) -> tuple:
+        return batch["image"], batch.get("image_ae"), batch.get("masks"), batch.get("num_masks")
+
     def _log_training(
-        self, terms: LossTerms, out: TrainOutput, grad_norm: Tensor, opt, datasets: list[str] | None = None
+        self, terms: LossTerms, out: TrainOutput, grad_norm: Tensor, est_grad_norm: Tensor, lr: float,
+        datasets: list[str] | None = None,
     ) -> None:
         logs = {f"train/{k}": v.detach() for k, v in terms.as_dict().items()}
-        logs["train/grad_norm"] = grad_norm
-        logs["train/lr"] = torch.tensor(opt.param_groups[0]["lr"])
+        logs["train/grad_norm"] = grad_norm  # before clipping
+        logs["train/estimator_grad_norm"] = est_grad_norm
+        logs["train/lr"] = torch.tensor(lr)
         probs = torch.softmax(out.logits.detach(), dim=1)
         logs["train/router_entropy"] = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean()
         mask = out.expert_mask.float()  # (B, E)
@@ -310,7 +344,7 @@ class AnomalyMoEModule(LightningModule):
 
     def anomaly_maps(self, batch: dict) -> MoEPrediction:
         """Raw per-group maps and routing of a batch (evaluation forward pass)."""
-        return self.net(batch["image"], batch.get("image_ae"), batch.get("masks"), batch.get("num_masks"))
+        return self.net(*self._inputs(batch))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.evaluator.update(self.anomaly_maps(batch), batch)

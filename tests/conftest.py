@@ -48,6 +48,18 @@ def random_masks(batch: int, size: int, counts: list[int], seed: int = 0) -> tup
     return masks, torch.tensor(counts)
 
 
+def official_fixture(name: str) -> Path:
+    """Path of an output file of the original code (``$ANOMALYMOE_FIXTURES``, default
+    ``../shared/fixtures``). A missing file skips the calling test module with a visible reason, or
+    fails it when ``ANOMALYMOE_REQUIRE_FIXTURES=1`` (as in CI)."""
+    path = Path(os.environ.get("ANOMALYMOE_FIXTURES", ROOT.parent / "shared" / "fixtures")) / name
+    if not path.is_file():
+        if os.environ.get("ANOMALYMOE_REQUIRE_FIXTURES") == "1":
+            raise FileNotFoundError(f"fixture {path} is required (ANOMALYMOE_REQUIRE_FIXTURES=1) but missing")
+        pytest.skip(f"fixture not found at {path}; set ANOMALYMOE_FIXTURES", allow_module_level=True)
+    return path
+
+
 @pytest.fixture
 def seeded():
     torch.manual_seed(0)

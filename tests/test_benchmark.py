@@ -19,7 +19,7 @@ from benchmarks.model_speed import (
     run_benchmark,
     time_training,
 )
-from benchmarks.original_structure import ORIGINAL_OPTIONS, OriginalStructure, OriginalTrainingStep
+from benchmarks.original_structure import ORIGINAL_OPTIONS, ORIGINAL_STEP, OriginalStructure
 from src.models.anomalymoe import AnomalyMoE
 from src.modes.benchmark import settings_from_config
 from src.optim import StableAdamW
@@ -34,8 +34,8 @@ def build_net(net_class=AnomalyMoE, **options) -> AnomalyMoE:
     return net_class(tiny_backbone(), **{**TINY, **options})
 
 
-def build_module(module_class, net):
-    return module_class(net, optimizer=partial(StableAdamW, lr=5e-4), estimator_optimizer=partial(torch.optim.Adam, lr=5e-4))
+def build_module(net, **options):
+    return AnomalyMoEModule(net, **options, optimizer=partial(StableAdamW, lr=5e-4), estimator_optimizer=partial(torch.optim.Adam, lr=5e-4))
 
 
 def settings(**kw) -> BenchmarkSettings:
@@ -48,13 +48,13 @@ def settings(**kw) -> BenchmarkSettings:
 @pytest.mark.slow
 def test_benchmark_runs_both_structures_and_they_agree(tmp_path):
     results = run_benchmark(build_net, settings(), build_module)
-    assert set(results["training"]) == set(STRUCTURES)
+    assert set(results["training"]) == {*STRUCTURES, "ours, original's estimator step"}
     assert all(v["seconds"] > 0 for v in results["inference"].values())
     assert all(v["seconds"] > 0 and v["peak_bytes"] >= 0 for v in results["training"].values())
     assert max(results["max_output_diff"].values()) <= 1e-5
     assert set(results["scaling"]) == {(s, n) for s in STRUCTURES for n in (2, 3)}
     report = format_report(results)
-    assert "| ours |" in report and "inference_speedup_b2" in report
+    assert "| ours |" in report and "inference_speedup_b2" in report and "training_speedup_same_forward_estimator" in report
     assert set(results["steps"]) == {"batch_size", *INFERENCE_STEPS} and "+ sparse dispatch" in report
 
     path = tmp_path / "BENCHMARKS.md"
@@ -63,7 +63,7 @@ def test_benchmark_runs_both_structures_and_they_agree(tmp_path):
     append_to_benchmarks(results, path)
     append_detailed_rows(results, path)
     text = path.read_text()
-    assert text.count("| unit |") == 2 + 6 and "## Data loading" in text and "| 1 |" in text
+    assert text.count("| unit |") == 2 + 7 and "## Data loading" in text and "| 1 |" in text
     section = text[text.index("## Model speed"):text.index("## Paper model on a GPU")]
     assert section.count("\n| ") == 3  # header + two rows
     detailed = text[text.index("## Paper model on a GPU"):]
@@ -72,6 +72,7 @@ def test_benchmark_runs_both_structures_and_they_agree(tmp_path):
 
 def test_one_structure_with_accelerated_experts_and_no_scaling():
     results = run_benchmark(build_net, settings(structures=("ours",), expert_scaling=(), inference_steps=False,
+                                                training_steps=False,
                                                 infer_batch_sizes=(2,), channels_last=True, compile_experts=True,
                                                 compile_backend="eager"), build_module)
     assert set(results["training"]) == {"ours"} and not results["max_output_diff"] and not results["scaling"]
@@ -103,7 +104,7 @@ def batch_of_two():
 def test_both_training_steps_update_experts_and_estimator(batch_of_two):
     for name, structure in STRUCTURES.items():
         torch.manual_seed(0)
-        module = build_module(structure.module_class, build_net(structure.net_class, top_k=6, **structure.options))
+        module = build_module(build_net(structure.net_class, top_k=6, **structure.options), **structure.module_options)
         before = {k: v.clone() for k, v in module.state_dict().items()}
         timed = time_training(module, batch_of_two, torch.device("cpu"), "fp32", warmup=0, iterations=1)
         assert timed["seconds"] > 0
@@ -112,8 +113,8 @@ def test_both_training_steps_update_experts_and_estimator(batch_of_two):
         assert any(k.startswith("net.patch_experts") for k in changed), name
         assert any(k.startswith("estimator.") for k in changed), name
         assert not any(k.startswith("net.encoder") for k in changed), name
-    assert STRUCTURES["ours"].module_class is AnomalyMoEModule
-    assert issubclass(STRUCTURES["original"].module_class, OriginalTrainingStep)
+    assert STRUCTURES["ours"].module_options == {}
+    assert STRUCTURES["original"].module_options == ORIGINAL_STEP == {"estimator_update": "second_forward"}
 
 
 def test_variants_override_the_preset_and_unknown_keys_are_refused():

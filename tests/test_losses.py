@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
-from src.losses import CLUBEstimator, LossWeights, esb_loss, patch_loss, select_eir_pairs
+from src.losses import CLUBEstimator, LossWeights, esb_loss, hard_mining_k, patch_loss, select_eir_pairs
 from src.models.outputs import GlobalRun, PatchRun
 
 
@@ -32,24 +33,67 @@ def _patch_setup():
     return en, de, run, routing
 
 
-def test_hard_mining_scales_gradients_of_easy_points_only():
+@pytest.mark.parametrize(("rule", "k"), [("original", 4), ("per_group", 5)])
+def test_hard_mining_scales_gradients_of_easy_points_only(rule, k):
     en, de, run, routing = _patch_setup()
-    plain = LossWeights(hard_mining_ratio=1.0, hard_mining_factor=1.0)
+    plain = LossWeights(hard_mining_ratio=1.0, hard_mining_factor=1.0, hard_mining=rule)
     loss = patch_loss([en], [run, None], routing, plain)
     (grad_plain,) = torch.autograd.grad(loss, de)
 
     en, de, run, routing = _patch_setup()
-    mined = LossWeights(hard_mining_ratio=0.1, hard_mining_factor=0.1)
+    mined = LossWeights(hard_mining_ratio=0.1, hard_mining_factor=0.1, hard_mining=rule)
     loss_mined = patch_loss([en], [run, None], routing, mined)
     assert torch.isclose(loss, loss_mined), "hard mining changes gradients, not the value"
     loss_mined.backward()
     distance = 1 - torch.cosine_similarity(en, de.detach(), dim=1)
-    k = int(0.1 * distance.numel())
+    # 50 points: the original keeps int(50 * (1 - 0.9)) = int(4.999...) = 4, per_group int(0.1 * 50) = 5
+    assert hard_mining_k(50, mined) == k
     hard = distance >= distance.flatten().topk(k).values[-1]
     assert hard.sum() == k
     ratio = de.grad / grad_plain
     torch.testing.assert_close(ratio[hard.unsqueeze(1).expand_as(ratio)], torch.ones(k * 4))
     torch.testing.assert_close(ratio[~hard.unsqueeze(1).expand_as(ratio)], torch.full(((50 - k) * 4,), 0.1))
+
+
+def test_original_hard_mining_k_matches_the_floating_point_rule():
+    original, fixed = LossWeights(), LossWeights(hard_mining="per_group")
+    assert original.hard_mining == "original"  # the default: a reproduction trains as the original did
+    # The original's k for its training maps (B * 28 * 28 points) and for the fixture's 80 points.
+    for n in (80, 8 * 28 * 28, 6272, 37):
+        assert hard_mining_k(n, original) == int(n * (1 - 0.9))
+    assert hard_mining_k(80, original) == 7 and hard_mining_k(80, fixed) == 8
+    with pytest.raises(ValueError, match="module.loss.hard_mining='late'"):
+        LossWeights(hard_mining="late")
+
+
+def test_original_hard_mining_scales_every_group_with_the_last_groups_mask():
+    torch.manual_seed(0)
+    en = [torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)]
+
+    def grads(rule: str) -> list[torch.Tensor]:
+        de = [torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(g)).requires_grad_() for g in (1, 2)]
+        run = PatchRun(torch.arange(2), de, de[1].mean((2, 3)))
+        weights = LossWeights(hard_mining_ratio=0.1, hard_mining_factor=0.1, hard_mining=rule)
+        patch_loss(en, [run], torch.ones(2, 1), weights).backward()
+        de_plain = [d.detach().clone().requires_grad_() for d in de]
+        run = PatchRun(torch.arange(2), de_plain, de_plain[1].mean((2, 3)))
+        patch_loss(en, [run], torch.ones(2, 1), LossWeights(hard_mining_ratio=1.0, hard_mining_factor=1.0)).backward()
+        plain = [d.grad for d in de_plain]
+        return [(d.grad / p)[:, 0] for d, p in zip(de, plain)]  # (2, 5, 5) gradient factors per group
+
+    def easy(g: int, k: int) -> torch.Tensor:
+        de = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(g + 1))
+        distance = 1 - torch.cosine_similarity(en[g], de, dim=1)
+        return distance < distance.flatten().topk(k).values[-1]
+
+    first, last = grads("original")
+    expected_last = torch.where(easy(1, 4), 0.1, 1.0)
+    torch.testing.assert_close(last, expected_last)
+    torch.testing.assert_close(first, expected_last)  # the first group with the last group's mask
+    first, last = grads("per_group")
+    torch.testing.assert_close(first, torch.where(easy(0, 5), 0.1, 1.0))
+    torch.testing.assert_close(last, torch.where(easy(1, 5), 0.1, 1.0))
+    assert not torch.equal(easy(0, 4), easy(1, 4)), "the two groups' masks differ, so the test can tell them apart"
 
 
 def test_patch_loss_value_by_hand():

@@ -18,7 +18,8 @@ from tests.conftest import random_masks, tiny_model
 
 NAMES = ("loss", "patch", "global", "component", "esb", "eir", "estimator")
 # Four real training steps of tiny_model (seed 0) on the batches of `_batch(0..3)`; per step the
-# terms in NAMES order. Computed with the loss assembly that lived in the Lightning module.
+# terms in NAMES order. Computed with the loss assembly that lived in the Lightning module, with
+# the per-group hard-mining rule of that time (module.loss.hard_mining=per_group).
 RECORDED = {
     ("sparse", 2): [
         [0.5696526765823364, 0.49612927436828613, 0.008827995508909225, 0.03691759705543518, 2.777777671813965, 0.0, 0.0],
@@ -74,7 +75,7 @@ def test_training_losses_match_the_recorded_values(dispatch, top_k):
     # were still routed to component experts, which model.exclude_components_without_masks=false keeps.
     exclude = top_k <= 4
     net = tiny_model(dispatch=dispatch, top_k=top_k, exclude_components_without_masks=exclude)
-    module = AnomalyMoEModule(net, optimizer=StableAdamW,
+    module = AnomalyMoEModule(net, loss=LossWeights(hard_mining="per_group"), optimizer=StableAdamW,
                               estimator_optimizer=partial(torch.optim.Adam, lr=5e-4, weight_decay=1e-4))
     logged = _Logged()
     trainer = Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,

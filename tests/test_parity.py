@@ -9,7 +9,6 @@ skipping. ``ANOMALYMOE_PARITY_DEVICE=cuda`` runs the model on the GPU (TF32 off:
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,15 +19,10 @@ from src.losses import Objective
 from src.models.anomalymoe import AnomalyMoE
 from src.models.backbone import DinoV2Backbone
 from src.models.checkpoint import CheckpointError, check_and_load, check_expert_counts, original_to_ours
+from tests.conftest import official_fixture
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = Path(os.environ.get("ANOMALYMOE_FIXTURES", ROOT.parent / "shared" / "fixtures")) / "official_tiny.pt"
+FIXTURE = official_fixture("official_tiny.pt")
 DEVICE = torch.device(os.environ.get("ANOMALYMOE_PARITY_DEVICE", "cpu"))
-
-if not FIXTURE.is_file():
-    if os.environ.get("ANOMALYMOE_REQUIRE_FIXTURES") == "1":
-        raise FileNotFoundError(f"parity fixture {FIXTURE} is required (ANOMALYMOE_REQUIRE_FIXTURES=1) but missing")
-    pytest.skip(f"parity fixture not found at {FIXTURE}; set ANOMALYMOE_FIXTURES", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")

@@ -195,6 +195,23 @@ def ours_to_original(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+# The original's MIEstimator (not in its released checkpoints) -> our CLUBEstimator.
+_CLUB_PREFIXES = {"normalizer.": "norm.", "patch_estimator.": "nets.patch.", "global_estimator.": "nets.global."}
+
+
+def original_club_to_ours(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The original ``MIEstimator``'s keys (``normalizer``, ``patch_estimator``, ``global_estimator``)
+    -> :class:`src.losses.CLUBEstimator`'s; load the result with :func:`check_and_load`."""
+    out = {}
+    for key, value in strip_prefix(state_dict, "module.").items():
+        prefix = next((p for p in _CLUB_PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            raise CheckpointError(f"{key!r} is not a key of the original's CLUB estimator "
+                                  f"(expected one under {sorted(_CLUB_PREFIXES)})")
+        out[_CLUB_PREFIXES[prefix] + key[len(prefix):]] = value
+    return out
+
+
 def check_expert_counts(state_dict: Mapping[str, Tensor], counts: Mapping[str, int], source: str) -> None:
     """Expert counts are not stored in the checkpoint; a wrong split would load silently (SPEC 9)."""
     problems = []

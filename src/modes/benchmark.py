@@ -55,10 +55,10 @@ def run(cfg: DictConfig) -> float | None:
     def build_net(net_class: type[AnomalyMoE], **options) -> AnomalyMoE:
         return hydra.utils.instantiate(model_cfg, **options, _target_=f"{net_class.__module__}.{net_class.__qualname__}")
 
-    def build_module(module_class: type, net: AnomalyMoE):
+    def build_module(net: AnomalyMoE, **module_options):
         # The run's loss weights and optimisers; the speed options are the benchmark's own.
         return hydra.utils.instantiate(cfg.module, net=net, compile_experts=False, channels_last=False,
-                                       _target_=f"{module_class.__module__}.{module_class.__qualname__}")
+                                       **module_options)
 
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
