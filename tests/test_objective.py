@@ -1,5 +1,12 @@
 """The training objective as the Lightning module runs it: values recorded before the objective
-moved into :class:`src.losses.Objective` (same seed, same losses), and its named terms."""
+moved into :class:`src.losses.Objective` (same seed, same losses), and its named terms.
+
+The recorded values hold on any x86-64 CPU: each is compared with a tolerance from its scale
+(docs/testing.md). Float32 results differ between CPU kernels (``ATEN_CPU_CAPABILITY``) in the
+last digits, and four optimiser steps amplify that; across AVX-512, AVX2 and the default kernels,
+with 1 and 2 threads, the largest difference measured was 1.3e-5 of a quantity's scale (the
+estimator loss after four steps).
+"""
 
 from __future__ import annotations
 
@@ -51,6 +58,18 @@ RECORDED = {
 }
 
 
+REL = 5e-5  # of a quantity's scale: about 4x the largest difference measured between CPU kernels
+
+
+def scale(name: str, values: dict[str, float]) -> float:
+    """The size of the terms ``name`` is computed from. EIR is the difference of two CLUB
+    log-likelihood terms, each of the size of the estimator loss (the same pairs' likelihood);
+    a term that is 0 (no image routed to its group) is measured against the loss."""
+    if name == "eir":
+        return abs(values["estimator"])
+    return max(abs(values[name]), 1e-3 * abs(values["loss"]))
+
+
 def _batch(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     image = torch.randn(4, 3, 56, 56, generator=g)
@@ -82,8 +101,10 @@ def test_training_losses_match_the_recorded_values(dispatch, top_k):
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[logged], log_every_n_steps=1)
     trainer.fit(module, DataLoader([_batch(s) for s in range(4)], batch_size=None))
     for step, (ours, recorded) in enumerate(zip(logged.steps, RECORDED[(dispatch, top_k)], strict=True)):
+        values = dict(zip(NAMES, recorded, strict=True))
         for name, a, b in zip(NAMES, ours, recorded, strict=True):
-            assert a == pytest.approx(b, rel=1e-5, abs=1e-6), f"step {step} {name}: {a} != recorded {b}"
+            tolerance = REL * scale(name, values)
+            assert abs(a - b) <= tolerance, f"step {step} {name}: {a} != recorded {b} (tolerance {tolerance:.1e})"
 
 
 def test_terms_add_up_and_match_the_loss_functions(seeded):
