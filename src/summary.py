@@ -391,7 +391,9 @@ class SweepSummary(Callback):
 
     Hydra calls ``on_multirun_end`` only when no job failed (its sweepers re-raise a failed job's
     error after the jobs ran); the summary is then written when the process exits instead, so a
-    sweep in which some jobs failed still gets one.
+    sweep in which some jobs failed still gets one. That exit handler is registered again after
+    every job run in this process, so that it runs before the ones libraries registered during the
+    jobs (W&B closes its service in one).
     """
 
     def __init__(self) -> None:
@@ -419,6 +421,9 @@ class SweepSummary(Callback):
             record_job(folder, status, wall, error)
         except OSError as err:
             log.warning("Could not write %s: %s", folder / JOB_RECORD, err)
+        if self.sweep is not None:  # a job of this process's multirun (the basic launcher)
+            atexit.unregister(self.write)
+            atexit.register(self.write)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep = (Path(str(config.hydra.sweep.dir)), wandb_settings(config))
