@@ -49,8 +49,8 @@ FIGURE_METRIC = "image_auroc"
 ERROR_CHARS = 200
 
 
-class NoJobsError(ValueError):
-    """A folder to summarise does not exist or holds no run folders."""
+class SummaryInputError(ValueError):
+    """A folder to summarise does not exist, holds no run folders, or holds a damaged record."""
 
 
 @dataclass
@@ -136,7 +136,7 @@ def _job_order(folder: Path) -> tuple:
 
 def find_jobs(paths: Sequence[str | Path]) -> list[Path]:
     """The run folders to summarise: a multirun folder (it holds ``multirun.yaml``, or run folders)
-    gives its job folders in job order, a run folder itself. Raises :class:`NoJobsError` naming
+    gives its job folders in job order, a run folder itself. Raises :class:`SummaryInputError` naming
     every path that does not exist or holds no run folder."""
     jobs, problems = [], []
     for path in map(Path, paths):
@@ -150,7 +150,7 @@ def find_jobs(paths: Sequence[str | Path]) -> list[Path]:
         else:
             problems.append(f"{path} holds no run folders (a run folder has one of {', '.join(JOB_MARKERS)})")
     if problems:
-        raise NoJobsError("; ".join(problems) + "; give a multirun folder (logs/anomalymoe/multiruns/<time>), "
+        raise SummaryInputError("; ".join(problems) + "; give a multirun folder (logs/anomalymoe/multiruns/<time>), "
                           "a run folder, or a list of them ([<folder>,<folder>])")
     return jobs
 
@@ -177,8 +177,9 @@ def job_overrides(folder: Path) -> dict[str, Any]:
 
 def configured_value(folder: Path, key: str) -> Any:
     """``key`` as the job was configured without overriding it: its group choice or config value."""
-    choices = ((_read_yaml(folder / ".hydra" / "hydra.yaml") or {}).get("hydra") or {}).get("runtime", {}).get("choices")
-    if choices and key in choices:
+    hydra = (_read_yaml(folder / ".hydra" / "hydra.yaml") or {}).get("hydra") or {}
+    choices = (hydra.get("runtime") or {}).get("choices") or {}
+    if key in choices:
         return choices[key]
     for path in (folder / "config.yaml", folder / ".hydra" / "config.yaml"):
         if path.is_file():
@@ -193,11 +194,20 @@ def error_line(message: str) -> str:
     return line if len(line) <= ERROR_CHARS else line[: ERROR_CHARS - 1] + "…"
 
 
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise SummaryInputError(f"{path} is not valid JSON ({err}); delete it or rerun that job") from None
+
+
 def read_job(folder: Path) -> Job:
     """A run folder's status (``job.json``, else whether ``results.json`` exists), overrides,
     metrics (``results.json``: ``mean`` and ``datasets``), wall time and error."""
-    record = json.loads((folder / JOB_RECORD).read_text()) if (folder / JOB_RECORD).is_file() else {}
-    results = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else {}
+    record = _read_json(folder / JOB_RECORD)
+    results = _read_json(folder / "results.json")
     metrics, datasets = {}, sorted(results.get("datasets") or {})
     for name in results.get("metrics") or results.get("mean") or []:
         metrics[name] = (results.get("mean") or {}).get(name)
@@ -225,8 +235,11 @@ def summarize(folders: Sequence[Path], output: Path) -> Summary:
 
 
 # --------------------------------------------------------------------------- writing the summary
-def _percent(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:.1f}"
+def _percent(value: float | None, std: float | None = None) -> str:
+    """A fraction in % (``86.2``), with its standard deviation when given (``86.2 ± 1.3``)."""
+    if value is None:
+        return ""
+    return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
 
 
 def _duration(seconds: float | None) -> str:
@@ -253,18 +266,14 @@ def markdown(summary: Summary) -> str:
     lines += _table(header, [[_cell(summary.folder_name(j)), *(_cell(j.values.get(k)) for k in summary.keys),
                               j.status, *(_percent(j.metrics.get(m)) for m in summary.metrics), _duration(j.wall_s),
                               _cell(j.error)] for j in summary.jobs])
-    groups = summary.seed_groups()
-    if groups is not None:
-        rows = []
-        for values, jobs in groups:
-            cells = []
-            for metric in summary.metrics:
-                mean, std = mean_std([j.metrics.get(metric) for j in jobs])
-                cells.append(_percent(mean) + (f" ± {_percent(std)}" if std is not None else ""))
-            rows.append([*(_cell(v) for v in values.values()), str(sum(bool(j.metrics) for j in jobs)), *cells])
+    seed_rows = summary.seed_rows()
+    if seed_rows is not None:
+        keys = [k for k in summary.keys if k != "seed"]
         lines += ["", "## Over seeds", "",
                   "Mean ± standard deviation over the seeds of each setting; n: jobs with results.", ""]
-        lines += _table([*(k for k in summary.keys if k != "seed"), "n", *summary.metrics], rows)
+        lines += _table([*keys, "n", *summary.metrics], [
+            [*(_cell(row[k]) for k in keys), str(row["n"]),
+             *(_percent(row[f"{m}_mean"], row[f"{m}_std"]) for m in summary.metrics)] for row in seed_rows])
     return "\n".join(lines) + "\n"
 
 
@@ -331,7 +340,7 @@ def log_to_wandb(summary: Summary, settings: dict, tables: dict[str, list[dict]]
                 logger.log_image("summary/figure", images=[str(picture)])
         finally:
             wandb.finish()
-        log.info("W&B: summary logged to project %s, group %s", logger.name, settings.get("group") or summary.output.name)
+        log.info("W&B: summary logged (project %s)", logger.name)
     except Exception as err:  # the files are written; W&B holds a copy of them
         log.warning("W&B: the summary could not be logged (%s: %s); the files in %s are complete",
                     type(err).__name__, err, summary.output)
@@ -441,8 +450,8 @@ class SweepSummary(Callback):
         self.sweep = None
         try:
             summarize_folders([sweep_dir], sweep_dir, settings)
-        except NoJobsError as err:
-            log.warning("No summary: %s", err)
+        except SummaryInputError as err:
+            log.warning("No summary of %s: %s", sweep_dir, err)
         except Exception:
             log.exception("The summary of %s failed; retry with: python run.py mode=summarize summarize.dir=%s",
                           sweep_dir, sweep_dir)

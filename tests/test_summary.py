@@ -15,7 +15,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from src.summary import NoJobsError, SweepSummary, find_jobs, summarize, summarize_folders, write_summary
+from src.summary import SummaryInputError, SweepSummary, find_jobs, summarize, summarize_folders, write_summary
 from tests.conftest import ROOT, compose_cfg, small_demo_overrides
 
 METRICS = ["image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"]
@@ -52,7 +52,8 @@ def seed_sweep(tmp_path) -> Path:
     for num, (top_k, seed) in enumerate([(1, 0), (1, 1), (2, 0), (2, 1), (3, 0)]):
         record = {"status": "finished", "error": None, "wall_s": 10.0 + num}
         if num == 3:
-            record = {"status": "failed", "error": "2 values cannot work:\n  model.x=1: why\n  model.y=2: why", "wall_s": 3.0}
+            error = "2 values cannot work:\n  model.x=1: why\n  model.y=2: why"
+            record = {"status": "failed", "error": error, "wall_s": 3.0}
         make_job(sweep / str(num), [*common, f"model.top_k={top_k}", f"seed={seed}"],
                  auroc={"demo": aurocs[num]} if num in aurocs else None, record=record if num < 4 else None)
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
@@ -61,7 +62,8 @@ def seed_sweep(tmp_path) -> Path:
 
 def test_rows_hold_the_swept_values_metrics_and_status_of_each_job(seed_sweep):
     summary = summarize(find_jobs([seed_sweep]), seed_sweep)
-    assert summary.keys == ["model.top_k", "seed"]  # experiment and dataset.num_train are the same for all; hydra.* places jobs
+    # experiment and dataset.num_train are the same for all jobs; hydra.* places them
+    assert summary.keys == ["model.top_k", "seed"]
     assert summary.metrics == METRICS  # one dataset: its mean only
     rows = summary.rows()
     assert [r["folder"] for r in rows] == ["0", "1", "2", "3", "4"]
@@ -121,10 +123,14 @@ def test_a_value_one_run_does_not_override_is_read_from_its_config(tmp_path):
     assert [r["folder"] for r in summary.rows()] == [str(a), str(b)]  # outside the output folder: full paths
 
 
-def test_folders_that_do_not_exist_or_hold_no_runs_are_named_together(tmp_path):
+def test_folders_that_do_not_exist_hold_no_runs_or_damaged_files_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(NoJobsError, match=r"absent does not exist; .*empty holds no run folders"):
+    with pytest.raises(SummaryInputError, match=r"absent does not exist; .*empty holds no run folders"):
         find_jobs([tmp_path / "absent", tmp_path / "empty"])
+    damaged = make_job(tmp_path / "damaged", ["seed=0"])
+    (damaged / "results.json").write_text('{"mean": ')  # a job killed while writing it
+    with pytest.raises(SummaryInputError, match=r"damaged/results.json is not valid JSON"):
+        summarize(find_jobs([damaged]), tmp_path)
 
 
 def test_the_callback_records_jobs_and_writes_the_summary_at_the_end(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig
 
 from src.errors import ConfigError
-from src.summary import NoJobsError, summarize_folders, wandb_settings
+from src.summary import SummaryInputError, summarize_folders, wandb_settings
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -27,6 +27,6 @@ def run(cfg: DictConfig) -> float | None:
     output = cfg.summarize.output or (folders[0] if len(folders) == 1 else cfg.paths.output_dir)
     try:
         summarize_folders(folders, Path(output).expanduser(), wandb_settings(cfg))
-    except NoJobsError as err:
+    except SummaryInputError as err:
         raise ConfigError(f"summarize.dir: {err}") from None
     return None
