@@ -3,7 +3,8 @@ from the checkpoint, run the selected ``mode``.
 
 Each mode is a module ``src/modes/<mode>.py`` with ``run(cfg) -> float | None``. Everything that
 can be checked cheaply (the mode, ``ckpt_path``, the run folder) is checked before a model or a
-dataset is built.
+dataset is built. A mode that only reads finished runs (``summarize``) runs at once: it takes no
+run folder and builds nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+from hydra.errors import CompactHydraException
 from lightning import seed_everything
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -24,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from src.checkpoints import apply_checkpoint_config, find_resume_checkpoint, read_checkpoint
 from src.config_checks import prepare_run
 from src.errors import ConfigError, user_error
+from src.loggers import multirun_name
 from src.run_folder import claim_run_folder
 
 log = logging.getLogger(__name__)
@@ -32,7 +35,13 @@ CHECKPOINT_MODES = {"test": "a .ckpt of this project or an original model_final.
                     "predict": "a .ckpt of this project or an original model_final.pth",
                     "export": "a .ckpt written by mode=train"}
 RUN_MODES = ("train", "test", "predict", "export")  # the modes that write a run's files (run.json)
+READING_MODES = ("summarize",)  # read other runs' folders: no run folder of their own, no model, no data
 EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a process ended by the signal
+
+
+class JobError(CompactHydraException):
+    """A user error in one job of a multirun: that job fails (recorded in its ``job.json``), the
+    other jobs run, and Hydra ends the sweep with this message alone, not a traceback."""
 
 
 def available_modes() -> list[str]:
@@ -115,6 +124,8 @@ def run_task(cfg: DictConfig) -> float | None:
     """
     if cfg.mode not in available_modes():
         raise ConfigError(f"mode={cfg.mode!r} is not one of {available_modes()}")
+    if cfg.mode in READING_MODES:
+        return importlib.import_module(f"src.modes.{cfg.mode}").run(cfg)
     check_ckpt_path(cfg)
     main_process = rank_zero_only.rank == 0  # processes started by a DDP launcher share the folder
     claim = claim_run_folder(cfg.paths.output_dir, cfg.mode, resume=resumes_its_folder(cfg),
@@ -137,7 +148,8 @@ def run_task(cfg: DictConfig) -> float | None:
 
 def run_task_reporting_user_errors(cfg: DictConfig) -> float | None:
     """:func:`run_task` for ``run.py``: a user error (:mod:`src.errors`) is printed as one message
-    and ends the process with exit code 1; ``HYDRA_FULL_ERROR=1`` keeps the traceback."""
+    and ends the process with exit code 1; ``HYDRA_FULL_ERROR=1`` keeps the traceback. In a
+    multirun it ends only its job (:class:`JobError`): Hydra runs the other jobs, then exits with 1."""
     try:
         return run_task(cfg)
     except Exception as err:
@@ -145,6 +157,8 @@ def run_task_reporting_user_errors(cfg: DictConfig) -> float | None:
         if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("%s", cause)
+        if multirun_name() is not None:
+            raise JobError(str(cause)) from err
         print(f"\nError: {cause}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 

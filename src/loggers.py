@@ -48,12 +48,23 @@ def previous_wandb_run(save_dir: str | Path) -> str | None:
     return ids[-1] if ids else None
 
 
+def multirun_name() -> str | None:
+    """The multirun folder's name when this process runs a job of a multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().sweep.dir).name
+
+
 def wandb_logger(
     project: str,
     save_dir: str,
     name: str | None = None,
     offline: bool | None = None,
     init_timeout: float = 60.0,
+    group: str | None = None,
     **kwargs,
 ) -> WandbLogger:
     """Lightning's ``WandbLogger``; ``offline=None`` decides with :func:`wandb_offline_by_default`.
@@ -61,10 +72,12 @@ def wandb_logger(
     Online runs give up after ``init_timeout`` seconds instead of waiting for a network; offline
     runs write ``<save_dir>/wandb/offline-run-*`` (upload later with ``wandb sync``). A run folder
     that already holds a W&B run (a resumed training, ``ckpt_path=last``) continues that run.
+    ``group=None`` groups the jobs of one multirun under its folder's name (:func:`multirun_name`).
     """
     import wandb
 
     offline = wandb_offline_by_default(offline)
+    group = group or multirun_name()
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     previous = previous_wandb_run(save_dir)
     if previous and "id" not in kwargs:
@@ -72,7 +85,7 @@ def wandb_logger(
         kwargs.update(id=previous, resume="allow")
     log.info("W&B logger %s (project %s, dir %s)", "offline" if offline else "online", project, save_dir)
     return WandbLogger(
-        project=project, name=name, save_dir=save_dir, offline=offline,
+        project=project, name=name, save_dir=save_dir, offline=offline, group=group,
         settings=wandb.Settings(init_timeout=init_timeout, silent=True), **kwargs,
     )
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, compose_cfg
 
-MODE_GROUPS = ("predict", "segment", "benchmark", "export")  # each read by its own mode only
+MODE_GROUPS = ("predict", "segment", "benchmark", "export", "summarize")  # each read by its own mode only
 MODES = sorted(p.stem for p in (ROOT / "conf" / "mode").glob("*.yaml"))
 
 
@@ -54,6 +54,8 @@ def test_mode_settings_and_their_options():
     segment = compose_cfg(["mode=segment", "dataset=visa", "segment.k=4", "segment.k_per_class={capsules:3}"])
     assert segment.segment.route == "cluster" and segment.segment.k == 4 and segment.segment.k_per_class == {"capsules": 3}
     assert segment.segment.blocks == segment.model.target_layers  # the model's component features
+    summarize = compose_cfg(["mode=summarize", "summarize.dir=[runs/a,runs/b]"]).summarize
+    assert list(summarize.dir) == ["runs/a", "runs/b"] and summarize.output is None
     sam = compose_cfg(["mode=segment", "segment=sam", "segment.sam_checkpoint=sam.pth"])
     assert sam.segment.route == "sam" and sam.segment.sam_checkpoint == "sam.pth" and sam.segment.refine.iterations == 3
 
