@@ -10,7 +10,7 @@ import numpy as np
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-from src.evaluation.report import markdown_tables, write_report
+from src.evaluation.report import expert_names, markdown_tables, write_report, write_score_rows
 from src.evaluation.visualize import routing_figure
 
 log = logging.getLogger(__name__)
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 class ResultsWriter(Callback):
     """After ``trainer.test``: write ``pl_module.test_report`` (built in ``on_test_epoch_end``),
-    ``routing.png`` and, when this run computed the calibration, ``calibration.json`` (a copy of
+    ``scores.csv`` (one row per test image: score, decision, routing), ``routing.png`` and, when this run computed the calibration, ``calibration.json`` (a copy of
     what the checkpoint holds, for reading)."""
 
     def __init__(self, output_dir: str) -> None:
@@ -32,6 +32,9 @@ class ResultsWriter(Callback):
             log.warning("No test results to write (empty test set?).")
             return
         paths = write_report(self.report, self.output_dir)
+        if getattr(pl_module, "test_scores", None):
+            names = expert_names(pl_module.net.num_experts)
+            paths.append(write_score_rows(pl_module.test_scores, self.output_dir / "scores.csv", names))
         routing = self.report.get("routing")
         if routing:
             rows = list(routing["classes"])

@@ -197,6 +197,16 @@ class AnomalyDataModule(LoaderDataModule):
             return None
         return next(iter(roots.values())) if len(roots) == 1 else roots
 
+    def component_class_folders(self) -> dict[str, Path] | None:
+        """Each class key's folder of component masks (``<component_masks>/<class>``), or None when
+        a dataset has none."""
+        folders = {}
+        for name, module in self.modules.items():
+            if module.component_root is None:
+                return None
+            folders.update({f"{name}/{c}": module.component_root / c for c in module.class_names()})
+        return folders
+
     def class_names(self) -> list[str]:
         """The class keys ``<dataset>/<class>``, the names used in reports (same as
         :attr:`test_class_keys`); a missing dataset or class is an error here."""

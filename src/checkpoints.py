@@ -6,7 +6,10 @@ Every Lightning checkpoint this project writes holds, besides Lightning's own st
 * ``anomalymoe``: the run description (:func:`src.build.describe_run`): the ``model`` config,
   the preprocessing (``image_size``, ``resize``, normalisation ``mean``/``std``), the class keys
   (``<dataset>/<class>``), the git commit and the dataset's name;
-* ``calibration``: the normal-image calibration of the final weights (``last.ckpt``).
+* ``calibration``: the normal-image calibration of the final weights (``last.ckpt``);
+* ``segmentation``: each class's part prototypes and the segmentation settings, when the model
+  was trained on ``mode=segment`` masks (:class:`src.segment.online.PartSegmentation`): new
+  images are segmented like the training and test images.
 
 Files are only ever read with ``torch.load(..., weights_only=True)``
 (:func:`src.models.checkpoint.load_file`): a checkpoint is data, never code.
@@ -31,6 +34,7 @@ from callbacks.resume import RunDescription
 from src.errors import ConfigError
 from src.evaluation.calibration import Calibration
 from src.models.backbone import WEIGHTS_DEFERRED
+from src.segment.online import PartSegmentation
 from src.models.checkpoint import (
     CheckpointError,
     check_and_load,
@@ -72,6 +76,11 @@ class Checkpoint:
         data = self.contents.get("calibration") if self.kind == "lightning" else None
         return Calibration.from_dict(data) if data else None
 
+    @property
+    def segmentation(self) -> PartSegmentation | None:
+        data = self.contents.get("segmentation") if self.kind == "lightning" else None
+        return PartSegmentation.from_dict(data) if data else None
+
 
 def read_checkpoint(path: str | Path, what: str = "ckpt_path") -> Checkpoint:
     """Read a checkpoint of this project or an original-format state dict; refuse anything else."""
@@ -93,6 +102,7 @@ def load_weights(module, checkpoint: Checkpoint, calibration: bool = True) -> No
     if checkpoint.kind == "lightning":
         check_and_load(module, checkpoint.state_dict, f"checkpoint {checkpoint.path}")
         module.set_calibration(checkpoint.calibration if calibration else None, "checkpoint")
+        module.segmentation = checkpoint.segmentation
     else:
         state = original_to_ours(checkpoint.state_dict)
         check_expert_counts(state, module.net.expert_counts(), f"checkpoint {checkpoint.path}")

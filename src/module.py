@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -40,13 +40,19 @@ from torch.utils.data import DataLoader, DistributedSampler
 from src.errors import ConfigError
 from src.evaluation.calibration import Calibration
 from src.evaluation.evaluator import AnomalyEvaluator, ClassEvaluation, NormalCalibrator
-from src.evaluation.report import build_report, expert_names
+from src.evaluation.report import build_report, expert_names, rows_of_test_images
 from src.losses import LossTerms, LossWeights, Objective
 from src.models.acceleration import accelerate
 from src.models.anomalymoe import AnomalyMoE
 from src.models.outputs import MoEPrediction, TrainOutput
+from src.segment.online import PartSegmentation
 
 log = logging.getLogger(__name__)
+
+
+def without_masks(batch: dict) -> dict:
+    """The batch as an image without component masks reaches the model."""
+    return {k: v for k, v in batch.items() if k not in ("masks", "num_masks")}
 
 
 def _clip(params: list[Tensor], max_norm: float) -> Tensor:
@@ -121,11 +127,20 @@ class AnomalyMoEModule(LightningModule):
         self.checkpoint_info: dict | None = None  # {"path", "global_step"}: the file holding these weights
         self.test_results: dict[int, ClassEvaluation] = {}
         self.test_report: dict | None = None
+        self.test_scores: list[dict] = []  # one row per test image (scores.csv)
+        # Each class's part prototypes from the segmentation cache the model trains on: new images
+        # are segmented the same way (mode=predict); None when the masks are not mode=segment's.
+        self.segmentation: PartSegmentation | None = None
 
     def setup(self, stage: str) -> None:
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "test_class_keys"):
             self.class_keys = list(datamodule.test_class_keys)
+        if stage == "fit" and self.net.num_experts[2] > 0 and hasattr(datamodule, "component_class_folders"):
+            folders = datamodule.component_class_folders()
+            self.segmentation, why = PartSegmentation.from_cache(folders) if folders else (None, "no component masks")
+            if self.segmentation is None:
+                log.info("New images will be scored without component masks (mode=predict): %s", why)
 
     @property
     def pair_rng(self) -> random.Random:
@@ -195,6 +210,8 @@ class AnomalyMoEModule(LightningModule):
         checkpoint["anomalymoe_random_state"] = states
         if self.calibration is not None:
             checkpoint["calibration"] = self.calibration.to_dict()
+        if self.segmentation is not None:
+            checkpoint["segmentation"] = self.segmentation.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resume: the random streams (the calibration is recomputed when the fit ends)."""
@@ -319,21 +336,40 @@ class AnomalyMoEModule(LightningModule):
             sampler = DistributedSampler(loader.dataset, trainer.world_size, trainer.global_rank, shuffle=False)
             loader = DataLoader(loader.dataset, loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn,
                                 num_workers=loader.num_workers)
-        self.calibrator.reset()
-        self.calibrator.class_keys = list(datamodule.test_class_keys)
-        training = self.training
-        self.eval()
+        # With component experts, the same images are also scored without component masks: the
+        # statistics of the pipeline that images without masks take (Calibration.unmasked).
+        unmasked = copy.deepcopy(self.calibrator) if self.net.num_experts[2] > 0 else None
+        for calibrator in filter(None, (self.calibrator, unmasked)):
+            calibrator.reset()
+            calibrator.class_keys = list(datamodule.test_class_keys)
         with torch.no_grad():
-            for batch in loader:
-                batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                self.calibrator.update(self.anomaly_maps(batch), batch)
+            for batch, prediction in self.infer(loader):
+                self.calibrator.update(prediction, batch)
+                if unmasked is not None:
+                    unmasked.update(self.anomaly_maps(without_masks(batch)), batch)
         calibration = self.calibrator.evaluate()  # gathered over processes
         self.calibrator.reset()
-        self.train(training)
+        if unmasked is not None:
+            calibration.unmasked = unmasked.evaluate().stats
         for note in calibration.notes:
             log.warning("calibration: %s", note)
         self.set_calibration(calibration, "computed")
         return calibration
+
+    def infer(self, loader: Iterable[dict]) -> Iterator[tuple[dict, MoEPrediction | None]]:
+        """The evaluation forward pass over ``loader``: each batch (moved to the module's device)
+        and its raw maps and routing (None for a batch without images). Calibration and
+        prediction run it; Lightning's test loop calls the same :meth:`anomaly_maps`."""
+        training = self.training
+        self.eval()
+        try:
+            for batch in loader:
+                batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with torch.no_grad():
+                    prediction = self.anomaly_maps(batch) if "image" in batch else None
+                yield batch, prediction
+        finally:
+            self.train(training)
 
     def on_test_start(self) -> None:
         self.evaluator.reset()
@@ -364,9 +400,15 @@ class AnomalyMoEModule(LightningModule):
         self.evaluator.reset()
         loaders = self.trainer.test_dataloaders if self._trainer is not None else None
         test_set = getattr(loaders[-1] if isinstance(loaders, (list, tuple)) else loaders, "dataset", None)
-        types = [s.defect_type for s in test_set.samples] if hasattr(test_set, "samples") else None  # per-type results
+        samples = getattr(test_set, "samples", None)
+        types = [s.defect_type for s in samples] if samples is not None else None  # per-type results
         self.test_report = build_report(self.test_results, self.class_keys, self.evaluator.protocol,
                                         self.net.num_experts, self.calibration, types)
+        thresholds = None
+        if self.evaluator.protocol == "inductive" and self.calibration is not None:
+            thresholds = {k: v.threshold for k, v in self.calibration.stats.items()}
+        self.test_scores = [] if samples is None else rows_of_test_images(
+            self.test_results, self.class_keys, samples, expert_names(self.net.num_experts), thresholds)
         # The weights tested: the checkpoint they were loaded from or saved to, and its step.
         self.test_report["checkpoint"] = self.checkpoint_info or {"path": None, "global_step": self.trainer.global_step}
         logs = {f"test/{k}": v for k, v in self.test_report["mean"].items() if v is not None}

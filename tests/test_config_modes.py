@@ -14,7 +14,11 @@ from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, compose_cfg
 
-MODE_GROUPS = ("predict", "segment", "benchmark", "export", "summarize")  # each read by its own mode only
+# Each group is read by its own mode only, but segment: training computes missing component masks
+# with it (segment.on_first_use).
+READERS = {"predict": {"predict"}, "segment": {"segment", "train"}, "benchmark": {"benchmark"}, "export": {"export"},
+           "summarize": {"summarize"}}
+MODE_GROUPS = tuple(READERS)
 MODES = sorted(p.stem for p in (ROOT / "conf" / "mode").glob("*.yaml"))
 
 
@@ -33,14 +37,16 @@ def test_training_config_holds_no_settings_of_other_modes(overrides):
     assert cfg.mode == "train"
     # What the run folder's config.yaml and the loggers' hyperparameters hold (src.tasks).
     params = OmegaConf.to_container(cfg, resolve=False)
-    assert not set(MODE_GROUPS) & set(params), f"training config carries {set(MODE_GROUPS) & set(params)}"
+    others = {g for g, modes in READERS.items() if "train" not in modes}
+    assert not others & set(params), f"training config carries {others & set(params)}"
+    assert params["segment"]["on_first_use"] == ("experiment=demo" in overrides)  # the demo segments on first use
     assert {"model", "module", "dataset", "trainer", "logger", "callbacks", "evaluation"} <= set(params)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_each_mode_composes_its_own_group_only(mode):
     cfg = compose_cfg([f"mode={mode}", "experiment=demo"])
-    assert {g for g in MODE_GROUPS if g in cfg} == ({mode} & set(MODE_GROUPS))
+    assert {g for g in MODE_GROUPS if g in cfg} == {g for g, modes in READERS.items() if mode in modes}
 
 
 def test_mode_settings_and_their_options():
@@ -61,7 +67,8 @@ def test_mode_settings_and_their_options():
 
 
 def test_an_experiment_holds_settings_for_one_mode():
-    """``experiment=demo`` brings its segment settings (experiment/demo/segment.yaml) to mode=segment only."""
+    """``experiment=demo`` brings its segment settings (experiment/demo/segment.yaml) to mode=segment,
+    and to mode=train (experiment/demo/train.yaml: masks computed on first use); not to test."""
     plain = compose_cfg(["mode=segment"]).segment
     demo = compose_cfg(["mode=segment", "experiment=demo"])
     assert plain.k_per_class is None and plain.truth is None
@@ -69,13 +76,15 @@ def test_an_experiment_holds_settings_for_one_mode():
     assert demo.segment.image_size == 196 and demo.model.top_k == 6  # and the experiment's other settings
     sam = compose_cfg(["experiment=demo", "mode=segment", "segment=sam", "segment.features=color"]).segment
     assert sam.route == "sam" and sam.k_per_class == {"widget": 4} and sam.features == "color"
-    assert "segment" not in compose_cfg(["experiment=demo"])
+    train = compose_cfg(["experiment=demo"]).segment
+    assert train.on_first_use and train.k_per_class == {"widget": 4} and train.image_size == 196
+    assert "segment" not in compose_cfg(["experiment=demo", "mode=test"])
 
 
 @pytest.mark.parametrize("override", ["segment.k=3", "segment=sam", "benchmark=full", "predict.input=x"])
 def test_settings_of_another_mode_are_an_error(override):
     with pytest.raises(ConfigCompositionException):
-        compose_cfg([override])  # mode=train composes no such group
+        compose_cfg(["mode=test", override])  # mode=test composes no such group
 
 
 def test_unknown_mode_lists_the_modes():

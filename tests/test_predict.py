@@ -50,10 +50,14 @@ def test_predict_folder_single_image_and_stored_calibration(small_demo_root, dem
     assert result["num_images"] == 11 and result["num_scored"] == 10 and result["num_errors"] == 1
     assert result["errors"][0]["path"].endswith("broken.png") and "cannot read image" in result["errors"][0]["error"]
     assert [Path(s["path"]).name for s in result["skipped"]] == ["readme.txt"]
-    stats = result["statistics"]
-    assert stats["source"].startswith("computed") and stats["class_key"] == "all" and stats["num_images"] == 16
+    # The model has component experts but the checkpoint no part prototypes (true masks): images are
+    # scored without masks, against the statistics of normal images scored without masks, pooled.
+    assert result["statistics"]["source"].startswith("computed") and result["class_key"] == "all"
+    assert any("no part prototypes" in note for note in result["notes"])
+    stats = result["statistics"]["classes"]["all (without masks)"]
+    assert stats["num_images"] == 16
     calibration = Calibration.load(tmp_path / "folder" / "predictions" / "calibration.json")
-    assert calibration.stats["all"].threshold == stats["threshold"]
+    assert calibration.unmasked["all"].threshold == stats["threshold"] != calibration.stats["all"].threshold
     assert "largest image score" in result["decision_rule"]
     for entry in result["images"]:
         assert entry["anomalous"] == (entry["score"] >= stats["threshold"])
@@ -62,7 +66,7 @@ def test_predict_folder_single_image_and_stored_calibration(small_demo_root, dem
     assert result["num_anomalous"] == sum(e["anomalous"] for e in result["images"])
 
     # 2. One image, with a calibration stored in the checkpoint and a per-class threshold.
-    calibration.stats["demo/widget"].threshold = 0.0  # every score is >= 0: decides "anomalous"
+    calibration.unmasked["demo/widget"].threshold = 0.0  # every score is >= 0: decides "anomalous"
     ckpt = with_calibration(demo_checkpoint, tmp_path / "calibrated.ckpt", calibration)
     image = sorted(ten_images.glob("*.png"))[0]
     single = predict(small_demo_root, ckpt, image, tmp_path / "single", "predict.class_key=demo/widget")

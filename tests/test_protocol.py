@@ -183,6 +183,7 @@ def test_top_percent_score():
 def test_scoring_one_batch_equals_the_inductive_evaluator():
     maps, weights, gt, labels = make_class(4)
     stats, result = inductive_result(maps, weights, gt, labels, low=[0.1, 0.0, 0.0], high=[0.9, 0.02, 0.4])
-    final, scores = NormalCalibrator().score(MoEPrediction(*maps, torch.zeros(4, 3), torch.zeros(4, 3), weights), stats)
+    scored = NormalCalibrator().score(MoEPrediction(*maps, torch.zeros(4, 3), torch.zeros(4, 3), weights), stats)
+    final, scores = scored.final, scored.scores
     torch.testing.assert_close(scores, result.image_scores)
     torch.testing.assert_close(final, kept_in_index_order(result)[0])

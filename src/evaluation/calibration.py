@@ -8,6 +8,12 @@ For every class (and for all classes pooled, key ``all``), over the normal calib
   protocol's maps normalised by ``low`` / ``high``. An image whose score is at or above the
   threshold is called anomalous.
 
+A model with component experts scores an image with component masks differently from one
+without (its component map and routing change), so its calibration holds a second set,
+``unmasked``: the same normal images scored without masks. An image is always scored with the
+statistics of its own pipeline (:meth:`Calibration.get`), never an unmasked image against masked
+statistics.
+
 It is computed by :meth:`src.module.AnomalyMoEModule.calibrate` (at the end of a fit, before a
 test of weights without one, in ``mode=predict``), travels inside Lightning checkpoints (key
 ``calibration``; ``last.ckpt`` holds the final weights' calibration) and is copied to
@@ -57,25 +63,34 @@ class Calibration:
     rule: str = ""
     groups: tuple[str, ...] = GROUPS
     notes: list[str] = field(default_factory=list)
+    unmasked: dict[str, NormalStatistics] | None = None  # the same images without component masks
 
     def __post_init__(self) -> None:
         self.rule = self.rule or threshold_rule(self.quantile)
 
-    def get(self, key: str | None) -> NormalStatistics:
-        """Statistics of a class key, or of all classes pooled for ``None``/``"all"``."""
+    def get(self, key: str | None, masks: bool = True) -> NormalStatistics:
+        """Statistics of a class key, or of all classes pooled for ``None``/``"all"``; ``masks=False``:
+        of images scored without component masks (KeyError when this calibration has none)."""
         key = key or POOLED
-        if key not in self.stats:
-            raise KeyError(f"no calibration for class {key!r}; calibrated: {sorted(self.stats)}")
-        return self.stats[key]
+        stats = self.stats if masks else (self.unmasked or {})
+        if key not in stats:
+            what = "" if masks else " without component masks"
+            raise KeyError(f"no calibration{what} for class {key!r}; calibrated: {sorted(stats)}")
+        return stats[key]
 
     def to_dict(self) -> dict:
-        return {"quantile": self.quantile, "rule": self.rule, "groups": list(self.groups), "notes": list(self.notes),
+        data = {"quantile": self.quantile, "rule": self.rule, "groups": list(self.groups), "notes": list(self.notes),
                 "stats": {k: asdict(v) for k, v in self.stats.items()}}
+        if self.unmasked is not None:
+            data["unmasked"] = {k: asdict(v) for k, v in self.unmasked.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Calibration:
         stats = {k: NormalStatistics(**v) for k, v in data["stats"].items()}
-        return cls(data["quantile"], stats, data.get("rule", ""), tuple(data.get("groups", GROUPS)), list(data.get("notes", [])))
+        unmasked = {k: NormalStatistics(**v) for k, v in data["unmasked"].items()} if "unmasked" in data else None
+        return cls(data["quantile"], stats, data.get("rule", ""), tuple(data.get("groups", GROUPS)),
+                   list(data.get("notes", [])), unmasked)
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

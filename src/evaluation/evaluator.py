@@ -35,7 +35,8 @@ from torchmetrics.utilities import dim_zero_cat
 
 from src.evaluation.calibration import GROUPS, POOLED, Calibration, NormalStatistics
 from src.evaluation.metrics import PIXEL_METRICS, PixelHistograms, image_metrics, pixel_metrics
-from src.evaluation.protocol import combine_groups, resize_and_smooth, resize_ground_truth, top_percent_score
+from src.evaluation.protocol import resize_ground_truth
+from src.evaluation.scorer import Scorer, ScoredImages, raw_groups
 from src.evaluation.store import MapStore, release_freed_memory
 from src.models.anomalymoe import MoEPrediction
 
@@ -73,11 +74,6 @@ class ClassEvaluation:
         return self.example_maps[int(pos[0])], self.example_gt[int(pos[0])]
 
 
-def _raw_groups(prediction: MoEPrediction) -> Tensor:
-    """(B, 3, H, W): the patch, global and component raw maps."""
-    return torch.cat([prediction.map_patch, prediction.map_global, prediction.map_component], dim=1)
-
-
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -109,36 +105,24 @@ class _MapAccumulator(Metric):
     ) -> None:
         super().__init__()
         self.eval_size, self.kernel_size, self.sigma, self.top_fraction = eval_size, kernel_size, sigma, top_fraction
+        self.scorer = Scorer(eval_size, kernel_size, sigma, top_fraction)
         for name in _STATES:
             self.add_state(name, default=[], dist_reduce_fx="cat")
         self.store = MapStore(memory_budget_mb, spill_dir)
 
-    def _smooth(self, maps: Tensor) -> Tensor:
-        return resize_and_smooth(maps, self.eval_size, self.kernel_size, self.sigma)
-
-    def smoothed_groups(self, raw: Tensor) -> Tensor:
-        """(B, G, H, W) raw group maps -> (B, G, S, S) resized and smoothed, ``L(M)``."""
-        b, g = raw.shape[:2]
-        return self._smooth(raw.reshape(b * g, 1, *raw.shape[-2:])).reshape(b, g, self.eval_size, self.eval_size)
-
-    def score(self, prediction: MoEPrediction, stats: NormalStatistics) -> tuple[Tensor, Tensor]:
-        """Final maps (B, 1, S, S) and image scores (B,) of a batch normalised with fixed
-        statistics: each image on its own (inductive protocol, prediction)."""
-        raw = _raw_groups(prediction)
-        low, high = (t.to(raw) for t in stats.tensors())
-        ones = self._smooth(torch.ones(1, 1, 2, 2, device=raw.device))
-        final = combine_groups(self.smoothed_groups(raw), low, high, prediction.group_weights, ones)
-        return final, top_percent_score(final, self.top_fraction)
+    def score(self, prediction: MoEPrediction, stats: NormalStatistics) -> ScoredImages:
+        """A batch scored with fixed statistics, each image on its own (:meth:`Scorer.score`)."""
+        return self.scorer.score(prediction, stats)
 
     def update(self, prediction: MoEPrediction, batch: dict) -> None:  # type: ignore[override]
-        raw = _raw_groups(prediction)  # (B, G, H, W)
+        raw = raw_groups(prediction)  # (B, G, H, W)
         finite = torch.isfinite(raw).flatten(1).all(1)
         if not bool(finite.all()):
             paths = [p for p, ok in zip(batch.get("image_path", range(len(finite))), finite.tolist()) if not ok]
             raise FloatingPointError(f"anomaly maps contain NaN or inf for {len(paths)} image(s), e.g. {paths[:3]}; "
                                      "the checkpoint or the input is broken")
         b = raw.shape[0]
-        maps = {"smoothed": self.smoothed_groups(raw)}
+        maps = {"smoothed": self.scorer.smoothed_groups(raw)}
         if self.with_gt:
             maps["gt"] = resize_ground_truth(batch["gt_mask"], self.eval_size).squeeze(1)  # (B, S, S) bool
         start = self.store.append(**maps)
@@ -197,7 +181,6 @@ class _MapAccumulator(Metric):
         mine = (state["rank"] == _rank()).nonzero(as_tuple=True)[0]
         lookup = torch.full((len(self.store),), -1, dtype=torch.long)
         lookup[state["row"][mine]] = mine
-        ones = self._smooth(torch.ones(1, 1, 2, 2))  # border effect of the zero padding
         for start, chunk in self.store.chunks():
             release_freed_memory()
             rows = torch.arange(start, start + chunk["smoothed"].shape[0])
@@ -206,7 +189,7 @@ class _MapAccumulator(Metric):
             if not bool(sel.any()):
                 continue
             pos = pos[sel]
-            final = combine_groups(chunk["smoothed"][sel], low[pos], high[pos], state["group_weights"][pos], ones)
+            final = self.scorer.final_maps(chunk["smoothed"][sel], low[pos], high[pos], state["group_weights"][pos])
             yield pos, final, (chunk["gt"][sel] if "gt" in chunk else None)
 
     def _reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
@@ -222,7 +205,7 @@ class _MapAccumulator(Metric):
         """(N,) image scores of all processes' images."""
         scores = torch.zeros(state["sample_index"].numel(), dtype=torch.float64)
         for pos, final, _ in self._replay(state, low, high):
-            scores[pos] = top_percent_score(final, self.top_fraction).double()
+            scores[pos] = self.scorer.image_scores(final).double()
         return self._reduce(scores)
 
 
@@ -287,7 +270,7 @@ class AnomalyEvaluator(_MapAccumulator):
         map_min = torch.full((len(class_ids),), float("inf"), dtype=torch.float64)
         map_max = torch.full((len(class_ids),), float("-inf"), dtype=torch.float64)
         for pos, final, _ in self._replay(state, low, high):
-            scores[pos] = top_percent_score(final, self.top_fraction).double()
+            scores[pos] = self.scorer.image_scores(final).double()
             flat = final.flatten(1).double()
             map_min.scatter_reduce_(0, slot[classes[pos]], flat.amin(1), "amin")
             map_max.scatter_reduce_(0, slot[classes[pos]], flat.amax(1), "amax")

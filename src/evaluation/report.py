@@ -137,6 +137,55 @@ def write_report(report: dict, output_dir: Path) -> list[Path]:
     return [json_path, csv_path]
 
 
+SCORE_COLUMNS = ("path", "class", "defect_type", "label", "score", "anomalous", "experts")
+
+
+def score_row(
+    path: str, class_key: str, score: float, anomalous: bool | None, routing: Sequence[float], names: Sequence[str],
+    defect_type: str | None = None, label: int | None = None,
+) -> dict:
+    """One image's row of ``scores.csv`` / ``predictions.csv``: ``anomalous`` empty without a
+    threshold (the paper's transductive protocol), ``label`` and ``defect_type`` empty for new
+    images; ``experts`` lists the routed experts, ``weight_<expert>`` every expert's weight."""
+    weights = [float(w) for w in routing]
+    return {
+        "path": path, "class": class_key, "defect_type": defect_type if defect_type is not None else "",
+        "label": "" if label is None else int(label), "score": float(score),
+        "anomalous": "" if anomalous is None else bool(anomalous),
+        "experts": " ".join(n for n, w in zip(names, weights, strict=True) if w > 0),
+        **{f"weight_{n}": round(w, 6) for n, w in zip(names, weights, strict=True)},
+    }
+
+
+def write_score_rows(rows: Sequence[dict], path: Path, names: Sequence[str]) -> Path:
+    """``rows`` (:func:`score_row`) as a CSV file with the columns of :data:`SCORE_COLUMNS` and the expert weights."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, [*SCORE_COLUMNS, *(f"weight_{n}" for n in names)])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def rows_of_test_images(
+    results: Mapping[int, ClassEvaluation], class_keys: Sequence[str], samples: Sequence, names: Sequence[str],
+    thresholds: Mapping[str, float] | None = None,
+) -> list[dict]:
+    """One row per test image, in test-set order; ``samples[i]`` is the dataset's i-th sample
+    (``image_path``, ``defect_type``, ``label``); ``thresholds`` per class key (inductive protocol)."""
+    rows = []
+    for cls, result in results.items():
+        key = class_keys[cls] if cls < len(class_keys) else str(cls)
+        threshold = None if thresholds is None else thresholds.get(key)
+        for index, score, routing in zip(result.sample_index.tolist(), result.image_scores.tolist(),
+                                         result.routing_weights, strict=True):
+            sample = samples[index]
+            rows.append((index, score_row(str(sample.image_path), key, score,
+                                          None if threshold is None else score >= threshold, routing, names,
+                                          sample.defect_type, sample.label)))
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]
+
+
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 

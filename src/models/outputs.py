@@ -6,7 +6,7 @@ Kept apart from the model so that the losses (:mod:`src.losses`) depend on these
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from torch import Tensor
 
@@ -54,6 +54,10 @@ class MoEPrediction:
     routing_weights: Tensor  # (B, E)
     logits: Tensor  # (B, E)
     group_weights: Tensor  # (B, 3) max routing weight of the patch / global / component group
+
+    def select(self, rows: Tensor | list[int]) -> MoEPrediction:
+        """The prediction of some images of the batch."""
+        return MoEPrediction(*(getattr(self, f.name)[rows] for f in fields(self)))
 
 
 def split_experts(x: Tensor, num_experts: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:

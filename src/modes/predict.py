@@ -2,17 +2,31 @@
 
     python run.py mode=predict ckpt_path=<.ckpt or model_final.pth> predict.input=<image or folder>
 
-Every image is scored with the inductive protocol (maps normalised by the statistics of normal
-training images, :mod:`src.evaluation.calibration`) and called anomalous when its score reaches
-the calibration's threshold. The statistics come from the checkpoint (``mode=train`` stores them
+A new image takes the path a test image takes (``mode=test evaluation.protocol=inductive``):
+
+* its class: ``predict.class_key``, or, when the checkpoint holds several classes and their part
+  prototypes, the class whose prototypes fit its features best (reported with the margin of the
+  choice, :mod:`src.segment.online`);
+* its component masks: computed on the fly with that class's prototypes, exactly as
+  ``mode=segment`` computed the training and test images' masks (or read from
+  ``predict.component_masks``);
+* its score: the model's maps scored by :class:`src.evaluation.scorer.Scorer` with the class's
+  normal-image statistics (:mod:`src.evaluation.calibration`), and anomalous when the score
+  reaches the class's threshold.
+
+An image that cannot be segmented (a checkpoint without prototypes, such as an original-format
+file or a model trained on masks that ``mode=segment`` did not compute) is scored without masks,
+against statistics computed without masks (``Calibration.unmasked``); the summary says so. It is
+never scored against statistics of images that had masks. The statistics come from the checkpoint (``mode=train`` stores them
 in ``last.ckpt``); when it has none, or with ``evaluation.recalibrate=true``, they are computed
 (:meth:`src.module.AnomalyMoEModule.calibrate`) from the configured dataset's normal training
 images and saved as ``calibration.json``. A checkpoint of this project also gives the model and
 the preprocessing (:mod:`src.checkpoints`), so ``ckpt_path`` and ``predict.input`` are all it needs.
 
-Writes to ``predict.output_dir``: ``predictions.json`` (every image's score and decision, the
-images that could not be read and why, the files that are not images) and one heat-map PNG per
-image in ``heatmaps/`` (image | heat map | predicted mask). Component masks of the inputs, if
+Writes to ``predict.output_dir``: ``predictions.json`` (every image's score, decision, class and
+how it was chosen, the images that could not be read and why, the files that are not images),
+``predictions.csv`` (the columns of a test run's ``scores.csv``) and one heat-map PNG per image in
+``heatmaps/`` (image | heat map | predicted mask). Component masks of the inputs, if
 any, are read from ``predict.component_masks`` (same relative layout as the input, ``.npz``).
 """
 
@@ -20,6 +34,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -31,8 +47,10 @@ from data_modules.components import read_component_masks
 from src.build import build_module
 from src.checkpoints import load_weights, read_checkpoint
 from src.errors import ConfigError
-from src.evaluation.report import expert_names
+from src.evaluation.calibration import POOLED
+from src.evaluation.report import expert_names, score_row, write_score_rows
 from src.evaluation.visualize import fit_image, render_panels
+from src.segment.online import OnlineSegmenter
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +72,16 @@ def list_inputs(path: Path, recursive: bool = False) -> tuple[list[Path], list[P
 class ImageFiles(Dataset):
     """Images with the test-time pipeline; an unreadable file yields its error instead.
 
-    With ``mask_root``, each image's component masks are read from
-    ``<mask_root>/<path relative to root, suffix .npz>`` (the format of
-    :mod:`data_modules.components`).
+    Component masks come from ``segmenter`` (an :class:`~src.segment.online.OnlineSegmenter`,
+    which also chooses the class unless ``class_key`` is given), or from ``mask_root``:
+    ``<mask_root>/<path relative to root, suffix .npz>`` (the format of :mod:`data_modules.components`).
+    Each item says which: ``masks_from`` is ``computed``, ``files`` or ``none``.
     """
 
-    def __init__(self, paths: list[Path], transforms: AnomalyTransforms, root: Path, mask_root: Path | None = None) -> None:
+    def __init__(self, paths: list[Path], transforms: AnomalyTransforms, root: Path, mask_root: Path | None = None,
+                 segmenter: OnlineSegmenter | None = None, class_key: str | None = None) -> None:
         self.paths, self.transforms, self.root, self.mask_root = paths, transforms, root, mask_root
+        self.segmenter, self.class_key = segmenter, class_key
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -69,14 +90,22 @@ class ImageFiles(Dataset):
         path = self.paths[index]
         try:
             img = open_image(path)
-            item = {"path": str(path), "image": self.transforms.image(img), "display": self.transforms.display(img)}
-            if self.mask_root is not None:
+            item = {"path": str(path), "image": self.transforms.image(img), "display": self.transforms.display(img),
+                    "class_key": self.class_key, "class_margin": None, "masks_from": "none"}
+            masks = None
+            if self.segmenter is not None:
+                masks, choice = self.segmenter.segment(path, self.class_key)
+                item.update(class_key=choice.key, class_margin=choice.margin if self.class_key is None else None,
+                            masks_from="computed")
+            elif self.mask_root is not None:
                 mask_file = self.mask_root / _relative(path, self.root).with_suffix(".npz")
                 if not mask_file.is_file():
                     raise DataError(f"component masks for {path} not found: expected {mask_file}")
                 masks = read_component_masks(mask_file)
+                item["masks_from"] = "files"
+            if masks is not None:
                 if masks.shape[1:] != (img.height, img.width):
-                    raise DataError(f"component masks {mask_file} are {masks.shape[1:]} but {path} is "
+                    raise DataError(f"component masks of {path} are {masks.shape[1:]} but the image is "
                                     f"{(img.height, img.width)}")
                 item["masks"] = self.transforms.masks(masks)
             return item
@@ -84,15 +113,18 @@ class ImageFiles(Dataset):
             return {"path": str(path), "error": str(err)}
 
 
+INFO = ("display", "class_key", "class_margin", "masks_from")  # per image, kept as lists
+
+
 def collate(items: list[dict]) -> dict:
-    """The readable images as a batch (``image``, ``masks``, ``num_masks``), ``display`` images
-    and ``errors`` of the others."""
+    """The readable images as a batch (``image``, ``masks``, ``num_masks``), the lists of
+    :data:`INFO` and ``errors`` of the others."""
     readable = [i for i in items if "error" not in i]
     errors = [{"path": i["path"], "error": i["error"]} for i in items if "error" in i]
     if not readable:
         return {"errors": errors}
-    display = [i.pop("display") for i in readable]
-    return {**collate_samples(readable), "display": display, "errors": errors}
+    info = {k: [i.pop(k) for i in readable] for k in INFO}
+    return {**collate_samples(readable), **info, "errors": errors}
 
 
 def _relative(path: Path, root: Path) -> Path:
@@ -106,6 +138,22 @@ def _heatmap_name(path: Path, root: Path, used: set[str]) -> str:
         candidate, i = f"{name}_{i}.png", i + 1
     used.add(candidate)
     return candidate
+
+
+def choose_segmenter(module, settings, device) -> tuple[OnlineSegmenter | None, str | None]:
+    """The on-the-fly segmenter of a model with component experts, or None and the note saying
+    how its images are scored instead."""
+    if module.net.num_experts[2] == 0 or settings.get("component_masks"):
+        return None, None
+    if module.segmentation is None:
+        return None, ("the checkpoint holds no part prototypes (an original-format checkpoint, or a model trained on "
+                      "masks that mode=segment did not compute): images are scored without component masks, against "
+                      "statistics of normal images scored without masks")
+    segmenter = OnlineSegmenter(module.segmentation, module.net.encoder, str(device))
+    if not segmenter.available:
+        return None, (f"images cannot be segmented ({segmenter.reason}): they are scored without component masks, "
+                      "against statistics of normal images scored without masks")
+    return segmenter, None
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -124,64 +172,88 @@ def run(cfg: DictConfig) -> float | None:
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    mask_root = Path(settings.component_masks).expanduser() if settings.get("component_masks") else None
+    segmenter, segment_note = choose_segmenter(module, settings, device)
+    unmasked = module.net.num_experts[2] > 0 and segmenter is None and mask_root is None
     source = "checkpoint"
-    if module.calibration is None:
+    if module.calibration is None or (unmasked and module.calibration.unmasked is None):
         name = getattr(datamodule, "name", "?")
         log.info("Computing the normal-image calibration from dataset '%s'", name)
         module.calibrate(datamodule)
         source = f"computed from the normal training images of dataset '{name}'"
         module.calibration.save(out / "calibration.json")
     calibration = module.calibration
-    try:
-        stats = calibration.get(settings.class_key)
-    except KeyError as err:
-        raise ConfigError(f"predict.class_key={settings.class_key!r}: {err.args[0]}") from err
-    notes = list(calibration.notes)
-    mask_root = Path(settings.component_masks).expanduser() if settings.get("component_masks") else None
-    if mask_root is None and module.net.num_experts[2] > 0:
-        notes.append("the model has component experts and these inputs have no component masks "
-                     "(predict.component_masks): their component map is 0, so their scores can be lower than "
-                     "those of the calibration images")
+    class_key = settings.class_key
+    keys = [k for k in calibration.stats if k != POOLED]
+    if class_key is not None and class_key not in calibration.stats:
+        raise ConfigError(f"predict.class_key={class_key!r}: no calibration for it; calibrated: {sorted(calibration.stats)}")
+    notes = list(calibration.notes) + ([segment_note] if segment_note else [])
+    if class_key is None and segmenter is None and len(keys) == 1:
+        class_key = keys[0]
+    elif class_key is None and segmenter is None:
+        notes.append(f"the class of an image can only be chosen with part prototypes: every image is scored with "
+                     f"the statistics of all {len(keys)} classes pooled (set predict.class_key for one class)")
+    if segmenter is not None:
+        log.info("Component masks of every image computed on the fly (route %s, %d classes' prototypes)%s",
+                 module.segmentation.route, len(module.segmentation.classes),
+                 "" if class_key else "; each image's class chosen by its nearest part prototypes")
 
     transforms = getattr(datamodule, "transforms", None) or AnomalyTransforms()
-    dataset = ImageFiles(images, transforms, root, mask_root)
+    dataset = ImageFiles(images, transforms, root, mask_root, segmenter, class_key)
     loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate)
     names = expert_names(module.net.num_experts)
+    scorer = module.evaluator.scorer
     heat_dir, used = out / "heatmaps", set()
     heat_dir.mkdir(exist_ok=True)
-    results, errors = [], []
-    for batch in loader:
+    results, rows, errors = [], [], []
+    for batch, prediction in module.infer(loader):
         errors += batch.pop("errors")
-        if "image" not in batch:
+        if prediction is None:
             continue
-        with torch.no_grad():
-            prediction = module.anomaly_maps({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
-            final, scores = module.calibrator.score(prediction, stats)
         for i, path in enumerate(batch["path"]):
-            score = float(scores[i])
-            entry = {"path": path, "score": score, "anomalous": score >= stats.threshold,
-                     "experts": {n: round(float(w), 6) for n, w in zip(names, prediction.routing_weights[i]) if w > 0}}
+            key, masked = batch["class_key"][i], batch["masks_from"][i] != "none"
+            stats = calibration.get(key, masks=masked or module.net.num_experts[2] == 0)
+            scored = scorer.score(prediction.select([i]), stats)
+            score, anomalous = float(scored.scores[0]), bool(scored.anomalous[0])
+            routing = prediction.routing_weights[i].tolist()
+            entry = {"path": path, "class": key or POOLED, "score": score, "anomalous": anomalous,
+                     "component_masks": batch["masks_from"][i],
+                     "experts": {n: round(w, 6) for n, w in zip(names, routing) if w > 0}}
+            if batch["class_margin"][i] is not None:
+                entry["class_margin"] = batch["class_margin"][i]
             if settings.heatmaps:
-                heat = final[i, 0].cpu().numpy()
+                heat = scored.final[0, 0].cpu().numpy()
                 image = fit_image(batch["display"][i], heat.shape[-1])
                 name = _heatmap_name(Path(path), root, used)
                 render_panels(image, heat, 2 * stats.threshold, stats.threshold).save(heat_dir / name)
                 entry["heatmap"] = f"heatmaps/{name}"
             results.append(entry)
+            rows.append(score_row(path, key or POOLED, score, anomalous, routing, names))
     for error in errors:
         log.warning("not scored: %s", error["error"])
 
     flagged = sum(r["anomalous"] for r in results)
+    chosen = [r for r in results if "class_margin" in r]
+    if chosen:
+        uncertain = sorted(chosen, key=lambda r: r["class_margin"])[:3]
+        log.info("Class chosen for %d images: %s; smallest margins: %s", len(chosen),
+                 dict(Counter(r["class"] for r in chosen)),
+                 ", ".join(f"{Path(r['path']).name} -> {r['class']} ({r['class_margin']:.3g})" for r in uncertain))
+    used_stats = sorted({(r["class"], r["component_masks"] != "none") for r in results})
     summary = {
         "checkpoint": str(checkpoint.path),
         "checkpoint_format": checkpoint.kind,
         "checkpoint_step": checkpoint.global_step,
         "input": str(root),
         "protocol": "inductive",
-        "statistics": {"class_key": settings.class_key or "all", "source": source, "threshold": stats.threshold,
-                       "low": stats.low, "high": stats.high, "num_images": stats.num_images},
+        "class_key": settings.class_key or ("chosen per image" if segmenter is not None else class_key or POOLED),
+        "statistics": {
+            "source": source,
+            "classes": {f"{k}{'' if m else ' (without masks)'}": asdict(calibration.get(k, masks=m or module.net.num_experts[2] == 0))
+                        for k, m in used_stats},
+        },
         "decision_rule": calibration.rule,
-        "heatmap": "image | heat map, blue 0 to red at twice the threshold | predicted mask: map >= threshold",
+        "heatmap": "image | heat map, blue 0 to red at twice the class's threshold | predicted mask: map >= threshold",
         "notes": notes,
         "num_images": len(images),
         "num_scored": len(results),
@@ -192,7 +264,8 @@ def run(cfg: DictConfig) -> float | None:
         "skipped": [{"path": str(p), "reason": "not an image file extension"} for p in others],
     }
     (out / "predictions.json").write_text(json.dumps(summary, indent=2))
-    log.info("Scored %d of %d images (%d anomalous at threshold %.4g, %d unreadable, %d other files skipped); "
-             "wrote %s", len(results), len(images), flagged, stats.threshold, len(errors), len(others),
-             out / "predictions.json")
+    write_score_rows(rows, out / "predictions.csv", names)
+    log.info("Scored %d of %d images (%d anomalous, %d unreadable, %d other files skipped); wrote %s and %s",
+             len(results), len(images), flagged, len(errors), len(others), out / "predictions.json",
+             out / "predictions.csv")
     return flagged / len(results) if results else None

@@ -25,24 +25,27 @@ from src.segment.runner import SegmentReport, part_iou, segment_dataset
 log = logging.getLogger(__name__)
 
 
-def build_features(s: DictConfig, device: str):
+def build_features(s: DictConfig, device: str, encoder=None):
+    """The dense features of ``segment.features``; ``encoder``: the model's frozen encoder, used
+    for backbone features instead of a second instance of ``segment.backbone``."""
     from src.segment.features import BackboneFeatures, ColorFeatures
 
     if s.features == "color":
         return ColorFeatures(s.color_space, int(s.color_stride))
     if s.features == "backbone":
-        return BackboneFeatures(hydra.utils.instantiate(s.backbone), list(s.blocks), device)
+        return BackboneFeatures(encoder if encoder is not None else hydra.utils.instantiate(s.backbone),
+                                list(s.blocks), device)
     raise ValueError(f"segment.features={s.features!r}; choose backbone or color")
 
 
-def build_segmenter(s: DictConfig):
-    """The route's segmenter from the ``segment`` config group."""
+def build_segmenter(s: DictConfig, encoder=None):
+    """The route's segmenter from the ``segment`` config group (``encoder``: see :func:`build_features`)."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else str(s.device)
     if s.route == "cluster":
         from src.segment.cluster import ClusterSegmenter
 
         refine = RefineSettings(**OmegaConf.to_container(s.refine, resolve=True))
-        return ClusterSegmenter(build_features(s, device), float(s.coreset_ratio), refine, int(s.seed))
+        return ClusterSegmenter(build_features(s, device, encoder), float(s.coreset_ratio), refine, int(s.seed))
     if s.route == "sam":
         from src.segment.sam import SamSegmenter, load_sam
 
@@ -92,13 +95,18 @@ def output_folders(cfg: DictConfig, datamodule) -> dict[str, tuple[object, Path]
     return folders
 
 
-def run(cfg: DictConfig) -> float | None:
-    """Segment every image of ``cfg.dataset``; returns the mean IoU against ``segment.truth`` if any."""
+def segment_datasets(cfg: DictConfig, datamodule, encoder=None, only_missing: bool = False) -> dict:
+    """Segment every image of ``datamodule``'s datasets into their folders (:func:`output_folders`);
+    ``only_missing``: only datasets whose folder does not exist yet (``segment.on_first_use``).
+    Returns ``{dataset: summary}`` (output, route, classes, IoU against ``segment.truth``)."""
     from data_modules.base import DataError
 
     s = cfg.segment
-    datamodule = hydra.utils.instantiate(cfg.dataset)
     folders = output_folders(cfg, datamodule)
+    if only_missing:
+        folders = {name: (module, output) for name, (module, output) in folders.items() if not output.exists()}
+    if not folders:
+        return {}
     # A relative segment.truth is inside each dataset's root.
     truths = {name: module.root / Path(s.truth).expanduser() if s.get("truth") else None
               for name, (module, _) in folders.items()}
@@ -107,9 +115,7 @@ def run(cfg: DictConfig) -> float | None:
         if truth is not None and output.resolve() == truth.resolve():
             raise DataError(f"segment output {output} is the folder of true masks (segment.truth): set segment.output "
                             "to another folder")
-    segmenter = build_segmenter(s)
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    segmenter = build_segmenter(s, encoder)
     k_per_class = OmegaConf.to_container(s.k_per_class, resolve=True) if s.k_per_class else {}
     classes = {}
     for name, (module, _) in folders.items():
@@ -119,7 +125,7 @@ def run(cfg: DictConfig) -> float | None:
     if unknown:  # e.g. an experiment's settings for classes of another dataset
         log.warning("segment.k_per_class names class(es) %s that %s does not have (classes: %s): ignored", unknown,
                     getattr(datamodule, "name", "the dataset"), sorted(set().union(*classes.values())))
-    summary, scored = {}, []
+    summary = {}
     for name, (module, output) in folders.items():
         report = segment_dataset(
             module, segmenter, output, int(s.k), {c: k for c, k in k_per_class.items() if c in classes[name]},
@@ -133,6 +139,15 @@ def run(cfg: DictConfig) -> float | None:
                                                     "refit": c.refit, "kept": c.kept, "seconds": c.seconds}
                                      for c in report.classes},
                          "iou": ious}
-        scored += [v["iou"] for v in (ious or {}).values() if v["iou"] is not None]
+    return summary
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Segment every image of ``cfg.dataset``; returns the mean IoU against ``segment.truth`` if any."""
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    summary = segment_datasets(cfg, datamodule)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "segment.json").write_text(json.dumps(summary if len(summary) > 1 else next(iter(summary.values())), indent=2))
+    scored = [v["iou"] for d in summary.values() for v in (d["iou"] or {}).values() if v["iou"] is not None]
     return sum(scored) / len(scored) if scored else None

@@ -30,13 +30,23 @@ def run(cfg: DictConfig) -> float | None:
     test then evaluates exactly those weights. Returns ``cfg.optimized_metric`` when set (e.g.
     ``val/image_auroc`` for sweeps), otherwise the mean test image AUROC.
     """
+    first_use = bool(cfg.get("segment", {}).get("on_first_use"))
     if cfg.model.get("num_component_experts", 0):  # before building the model: fail fast
         data = hydra.utils.instantiate(cfg.dataset)
         if rank_zero_only.rank == 0:
             data.prepare_data()  # the demo generator also writes its true part masks
         data.class_names()  # a missing dataset is reported before its missing masks
-        require_component_masks(cfg, data)
+        if not first_use:
+            require_component_masks(cfg, data)
     datamodule, module, trainer = build_components(cfg)
+    if first_use and cfg.model.get("num_component_experts", 0):
+        # Masks of the datasets whose folder does not exist yet, with the model's own encoder (so a
+        # checkpoint can segment new images the same way), then the usual check.
+        from src.modes.segment import segment_datasets
+
+        if rank_zero_only.rank == 0 and segment_datasets(cfg, datamodule, module.net.encoder, only_missing=True):
+            log.info("Component masks computed on first use (segment.on_first_use=true)")
+        require_component_masks(cfg, datamodule)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metric = cfg.get("optimized_metric")
     value = logged_metric(trainer, metric) if metric else None

@@ -64,9 +64,14 @@ class ClusterSegmenter:
             picked.append(vectors[greedy_coreset(vectors, count, seed=self.seed)])
         return fit_prototypes(torch.cat(picked), k, self.features.normalize, self.seed)
 
-    def segment(self, prototypes: Prototypes, image: Tensor) -> Tensor:
-        """(k, H, W) bool masks of one (3, H, W) image: one slot per prototype, disjoint."""
-        grid = self._features(image)  # (C, h, w)
+    def features(self, image: Tensor) -> Tensor:
+        """(C, h, w) dense features of one (3, H, W) image in [0, 1]."""
+        return self._features(image)
+
+    def segment(self, prototypes: Prototypes, image: Tensor, grid: Tensor | None = None) -> Tensor:
+        """(k, H, W) bool masks of one (3, H, W) image: one slot per prototype, disjoint.
+        ``grid``: the image's features, when already computed (:meth:`features`)."""
+        grid = self._features(image) if grid is None else grid  # (C, h, w)
         c, h, w = grid.shape
         scores = prototypes.scores(grid.flatten(1).T).T.reshape(-1, h, w)  # (k, h, w)
         device = getattr(self.features, "device", "cpu")  # refine where the features were computed

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 from torch import Tensor
 
 
@@ -59,6 +58,8 @@ def fit_prototypes(vectors: Tensor, k: int, normalize: bool, seed: int = 0, n_in
     if vectors.shape[0] < k:
         raise ValueError(f"only {vectors.shape[0]} feature vectors to fit k={k} part prototypes; lower segment.k "
                          "or raise segment.coreset_ratio")
+    from sklearn.cluster import KMeans  # imported here: loading prototypes (checkpoints, predict) needs no scikit-learn
+
     x = (torch.nn.functional.normalize(vectors, dim=-1) if normalize else vectors).double().numpy()
     km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
     variance = max(float(km.inertia_) / len(x), 1e-6)

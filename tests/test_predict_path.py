@@ -1,0 +1,102 @@
+"""The model you test is the model you run: a new image takes the path a test image takes.
+
+A demo model trained on component masks computed by the run itself (``segment.on_first_use``)
+carries its classes' part prototypes. ``mode=predict`` on the test folders, with no masks and no
+class key, must give every image the score and decision that the inductive test wrote to
+``scores.csv``: it chooses the class, segments the image like ``mode=segment`` did, and scores it
+with that class's statistics.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.entry import run_task
+from src.segment.online import PartSegmentation
+from tests.conftest import compose_cfg, small_demo_overrides
+
+
+def overrides(root: Path, masks: Path) -> list[str]:
+    return [o for o in small_demo_overrides(root) if not o.startswith("dataset.component_masks=")] + [
+        f"dataset.component_masks={masks}", "evaluation.protocol=inductive"]
+
+
+def read_csv(path: Path) -> dict[str, dict]:
+    with path.open() as f:
+        return {Path(row["path"]).resolve().as_posix(): row for row in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def trained(small_demo_root, tmp_path_factory) -> dict:
+    """A few training steps of the small demo on masks segmented on first use, then the inductive test."""
+    tmp = tmp_path_factory.mktemp("path")
+    masks, run = tmp / "components", tmp / "run"
+    cfg = compose_cfg([*overrides(small_demo_root, masks), "experiment=demo", "trainer.max_steps=6", "seed=0",
+                       f"paths.output_dir={run}", "logger=none"])
+    run_task(cfg)
+    return {"root": small_demo_root, "masks": masks, "run": run, "ckpt": run / "checkpoints" / "last.ckpt", "tmp": tmp}
+
+
+def predict(trained: dict, folder: Path, out: Path, *extra: str) -> dict:
+    cfg = compose_cfg([*overrides(trained["root"], trained["masks"]), "mode=predict", f"ckpt_path={trained['ckpt']}",
+                       f"predict.input={folder}", "predict.recursive=true", f"paths.output_dir={out}", *extra])
+    run_task(cfg)
+    return json.loads((out / "predictions" / "predictions.json").read_text())
+
+
+@pytest.mark.slow
+def test_masks_are_computed_on_first_use_and_travel_in_the_checkpoint(trained):
+    assert (trained["masks"] / "widget" / "manifest.json").is_file()  # segmented before training
+    assert any((trained["masks"] / "widget" / "test").rglob("*.npz"))
+    checkpoint = torch.load(trained["ckpt"], weights_only=True)
+    parts = PartSegmentation.from_dict(checkpoint["segmentation"])
+    assert set(parts.classes) == {"demo/fabric", "demo/widget"} and parts.route == "cluster"
+    assert parts.params["features"]["kind"] == "backbone"
+    unmasked = checkpoint["calibration"]["unmasked"]
+    assert set(unmasked) == set(checkpoint["calibration"]["stats"])  # the statistics of images without masks
+    rows = read_csv(trained["run"] / "scores.csv")
+    assert set(rows) == {p.resolve().as_posix() for p in trained["root"].glob("*/test/*/*.png")}
+    assert {r["class"] for r in rows.values()} == {"demo/fabric", "demo/widget"}
+    assert {r["anomalous"] for r in rows.values()} <= {"True", "False"} and all(r["experts"] for r in rows.values())
+
+
+@pytest.mark.slow
+def test_predict_gives_every_test_image_its_test_score_and_decision(trained):
+    tested = read_csv(trained["run"] / "scores.csv")
+    predicted = {}
+    for name in ("widget", "fabric"):
+        result = predict(trained, trained["root"] / name / "test", trained["tmp"] / f"predict_{name}")
+        assert result["class_key"] == "chosen per image" and result["num_errors"] == 0
+        assert all(i["component_masks"] == "computed" for i in result["images"])
+        predicted.update(read_csv(trained["tmp"] / f"predict_{name}" / "predictions" / "predictions.csv"))
+    assert set(predicted) == set(tested)
+    for path, row in predicted.items():
+        test = tested[path]
+        assert row["class"] == test["class"], path  # the class chosen is the image's class
+        assert abs(float(row["score"]) - float(test["score"])) <= 1e-5 * max(1.0, abs(float(test["score"]))), path
+        assert row["anomalous"] == test["anomalous"], path
+        assert row["experts"] == test["experts"], path
+    normal = [p for p, r in tested.items() if r["label"] == "0"]
+    assert sum(predicted[p]["anomalous"] == "True" for p in normal) == sum(tested[p]["anomalous"] == "True" for p in normal)
+
+
+@pytest.mark.slow
+def test_images_that_cannot_be_segmented_are_scored_without_masks_and_unmasked_statistics(trained, tmp_path):
+    checkpoint = torch.load(trained["ckpt"], weights_only=True)
+    del checkpoint["segmentation"]  # e.g. a model trained on masks that mode=segment did not compute
+    bare = tmp_path / "bare.ckpt"
+    torch.save(checkpoint, bare)
+    folder = trained["root"] / "widget" / "test"
+    result = predict({**trained, "ckpt": bare}, folder, tmp_path / "out", "predict.class_key=demo/widget")
+    assert all(i["component_masks"] == "none" for i in result["images"])
+    assert any("no part prototypes" in n for n in result["notes"])
+    stats = result["statistics"]["classes"]["demo/widget (without masks)"]
+    assert stats == checkpoint["calibration"]["unmasked"]["demo/widget"]
+    for entry in result["images"]:
+        assert entry["anomalous"] == (entry["score"] >= stats["threshold"])
+        assert not any(name.startswith("component") for name in entry["experts"])
