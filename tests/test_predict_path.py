@@ -13,9 +13,11 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from data_modules.components import read_component_masks
 from src.entry import run_task
 from src.segment.online import PartSegmentation
 from tests.conftest import compose_cfg, small_demo_overrides
@@ -100,3 +102,29 @@ def test_images_that_cannot_be_segmented_are_scored_without_masks_and_unmasked_s
     for entry in result["images"]:
         assert entry["anomalous"] == (entry["score"] >= stats["threshold"])
         assert not any(name.startswith("component") for name in entry["experts"])
+
+
+@pytest.mark.slow
+def test_group_maps_are_written_on_request(trained, tmp_path):
+    image = sorted((trained["root"] / "widget" / "test" / "good").glob("*.png"))[0]
+    result = predict(trained, image, tmp_path / "out", "predict.save_group_maps=true")
+    maps = np.load(tmp_path / "out" / "predictions" / result["images"][0]["group_maps"])
+    assert sorted(maps.files) == ["component", "global", "patch"] and maps["patch"].shape == (84, 84)
+    assert float(maps["component"].max()) > 0  # the component experts saw the computed masks
+
+
+@pytest.mark.slow
+def test_a_test_image_without_cached_masks_is_segmented_with_the_checkpoints_prototypes(trained, tmp_path):
+    cached = sorted((trained["masks"] / "widget" / "test").rglob("*.npz"))[0]
+    before = cached.read_bytes()
+    cached.unlink()  # e.g. an image added to the test set after training
+    cfg = compose_cfg([*overrides(trained["root"], trained["masks"]), "experiment=demo", "mode=test",
+                       f"ckpt_path={trained['ckpt']}", f"paths.output_dir={tmp_path / 'test'}", "logger=none"])
+    run_task(cfg)
+    restored = tmp_path / "before.npz"
+    restored.write_bytes(before)
+    assert np.array_equal(read_component_masks(cached), read_component_masks(restored))  # what mode=segment wrote
+    tested, again = read_csv(trained["run"] / "scores.csv"), read_csv(tmp_path / "test" / "scores.csv")
+    assert set(again) == set(tested)
+    for path, row in again.items():
+        assert abs(float(row["score"]) - float(tested[path]["score"])) <= 1e-5 * max(1.0, abs(float(row["score"])))

@@ -38,6 +38,7 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
@@ -47,7 +48,7 @@ from data_modules.components import read_component_masks
 from src.build import build_module
 from src.checkpoints import load_weights, read_checkpoint
 from src.errors import ConfigError
-from src.evaluation.calibration import POOLED
+from src.evaluation.calibration import GROUPS, POOLED
 from src.evaluation.report import expert_names, score_row, write_score_rows
 from src.evaluation.visualize import fit_image, render_panels
 from src.segment.online import OnlineSegmenter
@@ -203,8 +204,10 @@ def run(cfg: DictConfig) -> float | None:
     loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate)
     names = expert_names(module.net.num_experts)
     scorer = module.evaluator.scorer
-    heat_dir, used = out / "heatmaps", set()
+    heat_dir, maps_dir, used = out / "heatmaps", out / "group_maps", set()
     heat_dir.mkdir(exist_ok=True)
+    if settings.get("save_group_maps"):
+        maps_dir.mkdir(exist_ok=True)
     results, rows, errors = [], [], []
     for batch, prediction in module.infer(loader):
         errors += batch.pop("errors")
@@ -221,12 +224,16 @@ def run(cfg: DictConfig) -> float | None:
                      "experts": {n: round(w, 6) for n, w in zip(names, routing) if w > 0}}
             if batch["class_margin"][i] is not None:
                 entry["class_margin"] = batch["class_margin"][i]
+            name = _heatmap_name(Path(path), root, used)
             if settings.heatmaps:
                 heat = scored.final[0, 0].cpu().numpy()
                 image = fit_image(batch["display"][i], heat.shape[-1])
-                name = _heatmap_name(Path(path), root, used)
                 render_panels(image, heat, 2 * stats.threshold, stats.threshold).save(heat_dir / name)
                 entry["heatmap"] = f"heatmaps/{name}"
+            if settings.get("save_group_maps"):  # the raw maps of the three expert groups, model resolution
+                maps = {g: getattr(prediction, f"map_{g}")[i, 0].cpu().numpy() for g in GROUPS}
+                np.savez_compressed(maps_dir / Path(name).with_suffix(".npz"), **maps)
+                entry["group_maps"] = f"group_maps/{Path(name).with_suffix('.npz')}"
             results.append(entry)
             rows.append(score_row(path, key or POOLED, score, anomalous, routing, names))
     for error in errors:

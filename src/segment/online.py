@@ -162,3 +162,36 @@ class OnlineSegmenter:
         parts = self.parts.classes[choice.key]
         masks = self.segmenter.segment(parts.prototypes, image, grid=grid)
         return resize_masks(masks[parts.kept], size), choice
+
+    def segment_missing(self, datamodule, folders: dict[str, Path], split: str = "test") -> int:
+        """Compute the masks of the ``split`` images that a class's cache lacks (e.g. test images
+        added after training) with this checkpoint's prototypes, into the cache (files and manifest
+        entries, as ``mode=segment`` writes them). Only where the cache holds this checkpoint's
+        segmentation (same settings and kept slots); returns the number of images segmented."""
+        from data_modules.components import save_component_masks
+        from src.segment.runner import cache_name, mask_file_name
+
+        done = 0
+        for key, folder in folders.items():
+            parts = self.parts.classes.get(key)
+            manifest = cache.read_manifest(folder)
+            if parts is None or manifest is None:
+                continue
+            settings = {k: v for k, v in manifest["params"].items() if k != "k"}
+            if settings != self.parts.params or list(manifest["parts"]["kept"]) != parts.kept:
+                log.warning("%s: the masks in %s were computed with other settings than this checkpoint's; missing "
+                            "masks are not computed", key, folder)
+                continue
+            entries = dict(manifest["images"])
+            for sample in datamodule.list_samples(key, split):
+                name, file = cache_name(sample), mask_file_name(sample)
+                if (folder / file).is_file():
+                    continue
+                masks, _ = self.segment(sample.image_path, key)
+                save_component_masks(folder / file, masks)
+                entries[name] = {"sha1": cache.file_sha1(sample.image_path), "masks": file, "count": len(parts.kept)}
+                done += 1
+            if len(entries) != len(manifest["images"]):
+                cache.write_manifest(folder, {**{k: v for k, v in manifest.items() if k != "format"}, "images": entries})
+        return done
+

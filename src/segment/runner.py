@@ -74,8 +74,15 @@ def resize_masks(masks: Tensor, size: tuple[int, int]) -> np.ndarray:
     return masks.numpy()
 
 
-def _relative(sample: Sample) -> str:
+def cache_name(sample: Sample) -> str:
+    """The name of a sample in its class's cache manifest."""
     return f"{sample.split}/{sample.defect_type}/{sample.image_path.name}"
+
+
+def mask_file_name(sample: Sample) -> str:
+    """Its mask file, relative to the class's cache folder."""
+    rel = component_path(Path(), sample.class_name, sample.split, sample.defect_type, sample.image_path.stem)
+    return str(Path(*rel.parts[1:]))
 
 
 def segment_class(
@@ -94,17 +101,16 @@ def segment_class(
         raise DataError(f"class {class_name} has no training images to fit part prototypes on")
     files, seen = {}, {}
     for s in samples:
-        rel = component_path(Path(), s.class_name, s.split, s.defect_type, s.image_path.stem)
-        rel = str(Path(*rel.parts[1:]))
+        rel = mask_file_name(s)
         if rel in seen:
             raise DataError(f"{s.image_path} and {seen[rel]} would share the mask file {class_dir / rel}: "
                             "rename one of them (image names must be unique up to the extension)")
-        seen[rel], files[_relative(s)] = s.image_path, rel
-    hashes = {_relative(s): cache.file_sha1(s.image_path) for s in samples}
+        seen[rel], files[cache_name(s)] = s.image_path, rel
+    hashes = {cache_name(s): cache.file_sha1(s.image_path) for s in samples}
     params = {"version": SEGMENT_VERSION, "route": segmenter.route, "k": k, "image_size": image_size,
               "background": vars(rule), **segmenter.describe()}
     key = cache.params_key(params)
-    train_key = cache.params_key({_relative(s): hashes[_relative(s)] for s in train})
+    train_key = cache.params_key({cache_name(s): hashes[cache_name(s)] for s in train})
 
     manifest = cache.read_manifest(class_dir)
     arrays = cache.load_prototypes(class_dir)
@@ -127,7 +133,7 @@ def segment_class(
         images = [load_for_segmentation(s.image_path, image_size)[0] for s in train]
         prototypes = segmenter.fit(images, k)
         for s, image in zip(train, images):
-            train_masks[_relative(s)] = segmenter.segment(prototypes, image)
+            train_masks[cache_name(s)] = segmenter.segment(prototypes, image)
         kept, dropped = rule.select([m.numpy() for m in train_masks.values()])
         entries = {rel: e for rel, e in (manifest or {}).get("images", {}).items() if rel not in hashes}  # to delete
         cache.save_prototypes(class_dir, prototypes.to_arrays())
@@ -140,7 +146,7 @@ def segment_class(
 
     computed = 0
     for s in samples:
-        rel = _relative(s)
+        rel = cache_name(s)
         if refit is None and cache.entry_is_current(class_dir, entries.get(rel), hashes[rel]):
             continue
         masks = train_masks.get(rel)
