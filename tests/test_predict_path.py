@@ -19,6 +19,7 @@ import torch
 
 from data_modules.components import read_component_masks
 from src.entry import run_task
+from src.errors import ConfigError
 from src.segment.online import PartSegmentation
 from tests.conftest import compose_cfg, small_demo_overrides
 
@@ -128,3 +129,10 @@ def test_a_test_image_without_cached_masks_is_segmented_with_the_checkpoints_pro
     assert set(again) == set(tested)
     for path, row in again.items():
         assert abs(float(row["score"]) - float(tested[path]["score"])) <= 1e-5 * max(1.0, abs(float(row["score"])))
+
+
+@pytest.mark.slow
+def test_a_class_key_without_part_prototypes_is_refused(trained, tmp_path):
+    image = sorted((trained["root"] / "widget" / "test" / "good").glob("*.png"))[0]
+    with pytest.raises(ConfigError, match=r"predict.class_key='all'.*demo/fabric"):
+        predict(trained, image, tmp_path / "out", "predict.class_key=all")

@@ -188,6 +188,10 @@ def run(cfg: DictConfig) -> float | None:
     keys = [k for k in calibration.stats if k != POOLED]
     if class_key is not None and class_key not in calibration.stats:
         raise ConfigError(f"predict.class_key={class_key!r}: no calibration for it; calibrated: {sorted(calibration.stats)}")
+    if class_key is not None and segmenter is not None and class_key not in segmenter.parts.classes:
+        raise ConfigError(f"predict.class_key={class_key!r}: images are segmented with their class's part prototypes, "
+                          f"and this checkpoint has them for {sorted(segmenter.parts.classes)}; set one of those, or "
+                          "leave predict.class_key unset to choose each image's class")
     notes = list(calibration.notes) + ([segment_note] if segment_note else [])
     if class_key is None and segmenter is None and len(keys) == 1:
         class_key = keys[0]
