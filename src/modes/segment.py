@@ -97,14 +97,16 @@ def output_folders(cfg: DictConfig, datamodule) -> dict[str, tuple[object, Path]
 
 def segment_datasets(cfg: DictConfig, datamodule, encoder=None, only_missing: bool = False) -> dict:
     """Segment every image of ``datamodule``'s datasets into their folders (:func:`output_folders`);
-    ``only_missing``: only datasets whose folder does not exist yet (``segment.on_first_use``).
+    ``only_missing``: only datasets whose folder does not exist yet (``segment.on_first_use``), and
+    not a user's own folder of images, which trains without parts unless segmented on purpose.
     Returns ``{dataset: summary}`` (output, route, classes, IoU against ``segment.truth``)."""
     from data_modules.base import DataError
 
     s = cfg.segment
     folders = output_folders(cfg, datamodule)
     if only_missing:
-        folders = {name: (module, output) for name, (module, output) in folders.items() if not output.exists()}
+        folders = {name: (module, output) for name, (module, output) in folders.items()
+                   if not output.exists() and not getattr(module, "components_optional", False)}
     if not folders:
         return {}
     # A relative segment.truth is inside each dataset's root.
