@@ -39,11 +39,11 @@ def test_training_logs_name_experts_like_the_reports():
     module.log = lambda name, value, **kwargs: logged.update({name: value})
     mask = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 1, 0, 1, 0]])
     out = SimpleNamespace(logits=torch.randn(2, 6), expert_mask=mask)
-    opt = SimpleNamespace(param_groups=[{"lr": 1e-3}])
     terms = SimpleNamespace(loss=torch.tensor(1.0), as_dict=lambda: {"loss": torch.tensor(1.0)})
-    module._log_training(terms, out, torch.tensor(0.5), opt, ["demo", "visa"])
+    module._log_training(terms, out, torch.tensor(0.5), torch.tensor(3.0), 1e-3, ["demo", "visa"])
     names = expert_names(module.net.num_experts)
     assert names == ["patch0", "patch1", "global0", "global1", "component0", "component1"]
     assert {k for k in logged if k.startswith("train/load_")} == {f"train/load_{n}" for n in names}
     assert logged["train/load_global0"] == 1.0 and logged["train/routing/visa/component0"] == 1.0
+    assert float(logged["train/lr"]) == pytest.approx(1e-3) and float(logged["train/estimator_grad_norm"]) == 3.0
     assert routing_summary({}, module.net.num_experts)["experts"] == names  # results.json, routing.png
