@@ -42,7 +42,8 @@ class RunCheckpoint(ModelCheckpoint):
         finally:
             self._final = False
         pl_module.checkpoint_info = {"path": self.last_model_path, "global_step": trainer.global_step}
-        log.info("Saved the final model (step %d) to %s", trainer.global_step, self.last_model_path)
+        if trainer.is_global_zero:
+            log.info("Saved the final model (step %d) to %s", trainer.global_step, self.last_model_path)
 
 
 class RunDescription(Callback):
@@ -78,7 +79,8 @@ class InterruptCheckpoint(Callback):
         if trainer.state.fn != TrainerFn.FITTING or not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             return
         trainer.save_checkpoint(self.path)
-        log.warning("Training interrupted at step %d; saved %s (resume with ckpt_path=last)", trainer.global_step, self.path)
+        if trainer.is_global_zero:
+            log.warning("Training interrupted at step %d; saved %s (resume with ckpt_path=last)", trainer.global_step, self.path)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero and self.path.is_file():

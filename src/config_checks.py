@@ -41,6 +41,9 @@ HARMLESS_WARNINGS = (
      "training runs for trainer.max_steps across epochs; logging is per step"),
     (r"Using ModelCheckpoint with manual optimization and every_n_train_steps", Warning,
      "step_<n>.ckpt holds the weights after step n's update, which is what a resume from step n continues from"),
+    (r"It is recommended to use `self.log\('(test|val)/", Warning,
+     "test and validation metrics are computed from the predictions of every process (gathered), so each "
+     "process logs the same value"),
 )
 
 
