@@ -314,13 +314,68 @@ def collate_samples(items: list[dict]) -> dict:
     return batch
 
 
+# Keys of a StatefulDataLoader's state that say where the sampler stands, whatever the worker count.
+_SAMPLER_POSITION = ("_sampler_iter_state", "_index_sampler_state", "_sampler_iter_yielded",
+                     "_IterableDataset_len_called", "_shared_seed")
+
+
+def loader_state_for_workers(state: dict, num_workers: int) -> dict:
+    """A ``StatefulDataLoader`` state written with any number of workers, in the form a loader
+    with ``num_workers`` reads (torchdata keeps one form for 0 workers and another for more).
+
+    The position is the sampler's state (the epoch's generator and the samples drawn) and the
+    batches served; both forms hold it, so the resumed epoch continues with the same images in
+    the same order. Worker states are dropped: a map-style dataset has none (the workers'
+    colour-jitter streams restart, as after any resume). Only a state without a snapshot of
+    its last batch (``snapshot_every_n_steps`` > 1) cannot be translated: its epoch restarts.
+    """
+    if not state:
+        return state
+    multi = "_snapshot" in state
+    if multi:
+        snapshot = state["_snapshot"]
+        main, position = snapshot["_main_snapshot"], snapshot["_snapshot_step"]
+        if main.get("_num_workers") == num_workers:
+            return state
+    else:
+        main, position = state, state["_num_yielded"]
+        if num_workers == 0:
+            return state
+    if multi and state.get("_steps_since_snapshot"):
+        log.warning("The training loader's position was saved %d batches after its last snapshot; with another "
+                    "number of loader workers it cannot be restored, so the resumed epoch starts afresh (the data "
+                    "order differs from an uninterrupted run)", state["_steps_since_snapshot"])
+        return {}
+    log.info("Training loader state saved with %s, read with %d worker(s): position %d batches into the epoch",
+             f"{main['_num_workers']} worker(s)" if multi else "0 workers", num_workers, position)
+    common = {key: main[key] for key in _SAMPLER_POSITION}
+    finished = state.get("_iterator_finished", False)
+    if num_workers == 0:
+        return {**common, "_num_yielded": position, "fetcher_state": None, "dataset_state": None,
+                "_iterator_finished": finished}
+    base_seed = main.get("_base_seed", int(torch.empty((), dtype=torch.int64).random_().item()))
+    return {"_snapshot": {"_snapshot_step": position, "_last_yielded_worker_id": num_workers - 1,
+                          "_main_snapshot": {**common, "_num_workers": num_workers, "_base_seed": base_seed},
+                          "_worker_snapshots": {}},
+            "_steps_since_snapshot": 0, "_iterator_finished": finished}
+
+
+class TrainLoader(StatefulDataLoader):
+    """The training loader: stateful, and resumable with another number of workers
+    (:func:`loader_state_for_workers`), e.g. a requeued job on a machine with fewer CPUs."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(loader_state_for_workers(state_dict, self.num_workers))
+
+
 def make_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, sampler=None) -> DataLoader:
     """A loader over ``dataset``: shuffled (or drawn by ``sampler``) in training, in order otherwise.
 
     The training loader is stateful: checkpoints store its position in the epoch (sampler state,
-    batches served), so a resumed run continues with the same images in the same order.
+    batches served), so a resumed run continues with the same images in the same order, whatever
+    its number of workers (:class:`TrainLoader`).
     """
-    loader_class = StatefulDataLoader if train else DataLoader
+    loader_class = TrainLoader if train else DataLoader
     return loader_class(
         dataset,
         batch_size=batch_size,

@@ -195,8 +195,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 # --------------------------------------------------------------------------- resuming
 def resume_candidates(output_dir: str | Path) -> list[Path]:
-    """Checkpoints a run in ``output_dir`` left, newest first: ``checkpoints/{last,interrupted,
-    step_*}.ckpt`` and Lightning's SLURM requeue checkpoints ``hpc_ckpt_<n>.ckpt``."""
+    """Checkpoints a run in ``output_dir`` left, newest first (the order among equal steps,
+    :func:`find_resume_checkpoint`): ``checkpoints/{last,interrupted,step_*}.ckpt`` and
+    Lightning's SLURM requeue checkpoints ``hpc_ckpt_<n>.ckpt``."""
     output_dir = Path(output_dir)
     folder = output_dir / "checkpoints"
     found = [folder / "last.ckpt", folder / INTERRUPTED, *folder.glob("step_*.ckpt"), *output_dir.glob("hpc_ckpt_*.ckpt")]
@@ -207,7 +208,14 @@ def resume_candidates(output_dir: str | Path) -> list[Path]:
 
 
 def find_resume_checkpoint(output_dir: str | Path) -> Checkpoint | None:
-    """The newest checkpoint of ``output_dir`` that loads; each one skipped is named in a warning."""
+    """The checkpoint of ``output_dir`` that loads and is furthest on (highest ``global_step``;
+    the newest among equal steps); each one skipped is named in a warning.
+
+    The step decides, not the modification time: a copy (``cp -r`` without ``-p``) or a restore
+    from a backup gives every file a new time in any order. Reading a candidate is cheap (its
+    tensors are memory-mapped, not read).
+    """
+    loaded = []
     for path in resume_candidates(output_dir):
         try:
             checkpoint = read_checkpoint(path)
@@ -215,6 +223,7 @@ def find_resume_checkpoint(output_dir: str | Path) -> Checkpoint | None:
             log.warning("ckpt_path=last: skipping %s: %s", path, err)
             continue
         if checkpoint.kind == "lightning":
-            return checkpoint
-        log.warning("ckpt_path=last: skipping %s: not a training checkpoint of this project", path)
-    return None
+            loaded.append(checkpoint)
+        else:
+            log.warning("ckpt_path=last: skipping %s: not a training checkpoint of this project", path)
+    return max(loaded, key=lambda c: c.global_step or 0, default=None)  # the first (newest) of equal steps

@@ -128,3 +128,39 @@ def test_resume_path_rules(tmp_path):
         torch.save({"state_dict": {"net.w": torch.zeros(1)}, "global_step": 2}, path)
     os.utime(last, (1, 1))  # the SLURM requeue checkpoint is newer
     assert find_resume_checkpoint(tmp_path).path == hpc
+    # The furthest step wins, whatever the file times (a copy without -p gives them in any order).
+    step = tmp_path / "checkpoints" / "step_000010.ckpt"
+    torch.save({"state_dict": {"net.w": torch.zeros(1)}, "global_step": 10}, step)
+    torch.save({"state_dict": {"net.w": torch.zeros(1)}, "global_step": 12}, last)
+    os.utime(last, (1, 1))
+    assert find_resume_checkpoint(tmp_path).path == last
+
+
+class Numbers(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 37
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": torch.tensor(index)}
+
+
+def batches(loader) -> list[list[int]]:
+    return [b["image"].tolist() for b in loader]
+
+
+@pytest.mark.parametrize(("before", "after"), [(0, 1), (1, 0), (1, 2)])
+def test_training_loader_resumes_with_another_number_of_workers(before, after):
+    """A requeued job on a machine with fewer CPUs (workers are capped at CPUs - 1) continues the
+    epoch exactly: same images, same order."""
+    from data_modules.base import make_loader
+
+    torch.manual_seed(0)
+    uninterrupted = batches(make_loader(Numbers(), 4, True, before))
+    torch.manual_seed(0)
+    loader = make_loader(Numbers(), 4, True, before)
+    served = [b["image"].tolist() for _, b in zip(range(3), loader)]
+    state = loader.state_dict()
+    torch.manual_seed(1)  # the state decides, not the seed
+    resumed = make_loader(Numbers(), 4, True, after)
+    resumed.load_state_dict(state)
+    assert served + batches(resumed) == uninterrupted
