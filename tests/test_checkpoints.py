@@ -239,6 +239,23 @@ def test_last_checkpoint_is_the_final_model_and_resume_keeps_the_logs(demo_run, 
     assert steps[: len(first)] == first and len(steps) == len(first) + 2, "the first attempt's rows were lost"
 
 
+def test_resuming_training_on_other_data_is_refused(demo_run, small_demo_root, tmp_path):
+    folder = tmp_path / "resumed"
+    shutil.copytree(demo_run, folder)
+    other = tmp_path / "other"  # the same classes, one training image fewer
+    shutil.copytree(small_demo_root, other)
+    next((other / "fabric" / "train" / "good").glob("*.png")).unlink()
+    for data, said in ((["dataset.classes=[fabric]"], "but this run reads classes demo/fabric (8 training images)"),
+                       ([f"dataset.root={other}", f"dataset.component_masks={other}/components_true"],
+                        "(15 training images), other images under the same class names")):
+        with pytest.raises(ConfigError) as raised:
+            train(small_demo_root, folder, "trainer.max_steps=9", "ckpt_path=last", *data)
+        message = str(raised.value)
+        assert "was trained on classes demo/fabric, demo/widget (16 training images)" in message and said in message
+        assert "another paths.output_dir without ckpt_path" in message
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7  # nothing trained
+
+
 def test_resume_falls_back_past_damaged_checkpoints(demo_run, small_demo_root, tmp_path, caplog):
     folder = tmp_path / "crashed"
     shutil.copytree(demo_run, folder)
