@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from src.checkpoints import apply_checkpoint_config, find_resume_checkpoint, read_checkpoint
 from src.config_checks import prepare_run
 from src.errors import ConfigError, user_error
+from src.prediction_writer import unfinished_prediction
 from src.run_folder import claim_run_folder
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,10 @@ def check_ckpt_path(cfg: DictConfig) -> None:
 
 
 def resumes_its_folder(cfg: DictConfig) -> bool:
-    """Training that continues the run of ``paths.output_dir``: ``ckpt_path=last`` or one of its files."""
+    """Training that continues the run of ``paths.output_dir`` (``ckpt_path=last`` or one of its
+    files), or a prediction that continues an unfinished one (:mod:`src.prediction_writer`)."""
+    if cfg.mode == "predict":
+        return unfinished_prediction(cfg.predict.output_dir)
     ckpt_path = cfg.get("ckpt_path")
     if cfg.mode != "train" or not ckpt_path:
         return False

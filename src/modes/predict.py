@@ -12,13 +12,14 @@ the preprocessing (:mod:`src.checkpoints`), so ``ckpt_path`` and ``predict.input
 
 Writes to ``predict.output_dir``: ``predictions.json`` (every image's score and decision, the
 images that could not be read and why, the files that are not images) and one heat-map PNG per
-image in ``heatmaps/`` (image | heat map | predicted mask). Component masks of the inputs, if
-any, are read from ``predict.component_masks`` (same relative layout as the input, ``.npz``).
+image in ``heatmaps/`` (image | heat map | predicted mask), through
+:class:`src.prediction_writer.PredictionWriter`: results are recorded as each batch is scored,
+and a stopped prediction continues when run again. Component masks of the inputs, if any, are
+read from ``predict.component_masks`` (same relative layout as the input, ``.npz``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from src.checkpoints import load_weights, read_checkpoint
 from src.errors import ConfigError
 from src.evaluation.report import expert_names
 from src.evaluation.visualize import fit_image, render_panels
+from src.prediction_writer import PredictionWriter, relative_path
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ class ImageFiles(Dataset):
             img = open_image(path)
             item = {"path": str(path), "image": self.transforms.image(img), "display": self.transforms.display(img)}
             if self.mask_root is not None:
-                mask_file = self.mask_root / _relative(path, self.root).with_suffix(".npz")
+                mask_file = self.mask_root / relative_path(path, self.root).with_suffix(".npz")
                 if not mask_file.is_file():
                     raise DataError(f"component masks for {path} not found: expected {mask_file}")
                 masks = read_component_masks(mask_file)
@@ -95,19 +97,6 @@ def collate(items: list[dict]) -> dict:
     return {**collate_samples(readable), "display": display, "errors": errors}
 
 
-def _relative(path: Path, root: Path) -> Path:
-    return path.relative_to(root) if root.is_dir() and path.is_relative_to(root) else Path(path.name)
-
-
-def _heatmap_name(path: Path, root: Path, used: set[str]) -> str:
-    name = "__".join(_relative(path, root).with_suffix("").parts)
-    candidate, i = f"{name}.png", 1
-    while candidate in used:
-        candidate, i = f"{name}_{i}.png", i + 1
-    used.add(candidate)
-    return candidate
-
-
 def run(cfg: DictConfig) -> float | None:
     """Score ``predict.input``; returns the fraction of readable images called anomalous."""
     settings = cfg.predict
@@ -123,6 +112,8 @@ def run(cfg: DictConfig) -> float | None:
     module.to(device).eval()
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    writer = PredictionWriter(out, root, {"checkpoint": str(checkpoint.path), "input": str(root),
+                                          "class_key": settings.class_key})
 
     source = "checkpoint"
     if module.calibration is None:
@@ -144,19 +135,17 @@ def run(cfg: DictConfig) -> float | None:
                      "those of the calibration images")
 
     transforms = getattr(datamodule, "transforms", None) or AnomalyTransforms()
-    dataset = ImageFiles(images, transforms, root, mask_root)
+    dataset = ImageFiles(writer.todo(images), transforms, root, mask_root)
     loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate)
     names = expert_names(module.net.num_experts)
-    heat_dir, used = out / "heatmaps", set()
-    heat_dir.mkdir(exist_ok=True)
-    results, errors = [], []
     for batch in loader:
-        errors += batch.pop("errors")
+        writer.add(batch.pop("errors"))
         if "image" not in batch:
             continue
         with torch.no_grad():
             prediction = module.anomaly_maps({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
             final, scores = module.calibrator.score(prediction, stats)
+        rows = []
         for i, path in enumerate(batch["path"]):
             score = float(scores[i])
             entry = {"path": path, "score": score, "anomalous": score >= stats.threshold,
@@ -164,10 +153,10 @@ def run(cfg: DictConfig) -> float | None:
             if settings.heatmaps:
                 heat = final[i, 0].cpu().numpy()
                 image = fit_image(batch["display"][i], heat.shape[-1])
-                name = _heatmap_name(Path(path), root, used)
-                render_panels(image, heat, 2 * stats.threshold, stats.threshold).save(heat_dir / name)
-                entry["heatmap"] = f"heatmaps/{name}"
-            results.append(entry)
+                entry["heatmap"] = writer.heatmap(render_panels(image, heat, 2 * stats.threshold, stats.threshold), path)
+            rows.append(entry)
+        writer.add(rows)
+    results, errors = writer.results(images)
     for error in errors:
         log.warning("not scored: %s", error["error"])
 
@@ -191,7 +180,7 @@ def run(cfg: DictConfig) -> float | None:
         "errors": errors,
         "skipped": [{"path": str(p), "reason": "not an image file extension"} for p in others],
     }
-    (out / "predictions.json").write_text(json.dumps(summary, indent=2))
+    writer.finish(summary)
     log.info("Scored %d of %d images (%d anomalous at threshold %.4g, %d unreadable, %d other files skipped); "
              "wrote %s", len(results), len(images), flagged, stats.threshold, len(errors), len(others),
              out / "predictions.json")
