@@ -14,6 +14,7 @@ A family only has to list its samples (:meth:`SourceDataModule.list_samples`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 from lightning import LightningDataModule
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
@@ -37,6 +38,14 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity; cgroup-limited containers report theirs)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class DataError(RuntimeError):
@@ -129,8 +138,15 @@ def check_image_header(img: Image.Image, path: Path) -> None:
         raise DataError(f"image {path} {problem[0]}: {problem[1]}")
 
 
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of ``img`` once its EXIF orientation is applied (:func:`open_image`)."""
+    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    return (img.height, img.width) if orientation in (5, 6, 7, 8) else img.size
+
+
 def open_image(path: Path, mode: str = "RGB") -> Image.Image:
-    """Open an image as ``mode``.
+    """Open an image as ``mode``, upright: its EXIF orientation (a camera's "rotate 90°") is
+    applied, like an image viewer does, in training, test and predict alike.
 
     Grayscale, palette and RGBA images are converted. 16-bit images (and 32-bit integer images
     holding 16-bit values) are scaled by the fixed factor 255 / 65535, never by each image's own
@@ -141,6 +157,7 @@ def open_image(path: Path, mode: str = "RGB") -> Image.Image:
         with Image.open(path) as img:
             check_image_header(img, path)
             img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
             if img.mode in SIXTEEN_BIT_MODES and mode in ("RGB", "L"):
                 array = np.asarray(img, dtype=np.int64)
                 if array.min() < 0 or array.max() > 65535:

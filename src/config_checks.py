@@ -25,6 +25,7 @@ from numbers import Number
 import torch
 from omegaconf import DictConfig, open_dict
 
+from data_modules.base import available_cpus
 from src.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,6 @@ HARMLESS_WARNINGS = (
      "test and validation metrics are computed from the predictions of every process (gathered), so each "
      "process logs the same value"),
 )
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity; cgroup-limited containers report theirs)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _is_int(value) -> bool:

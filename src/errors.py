@@ -27,3 +27,15 @@ def user_error(err: BaseException) -> BaseException | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def user_message(err: BaseException) -> str:
+    """The message of a user error. One raised in a data-loader worker reaches this process as
+    the same type whose message is torch's "Caught <type> in DataLoader worker process N" and the
+    worker's traceback: only the original message is kept."""
+    text = str(err)
+    kind = type(err).__qualname__ if type(err).__module__ == "builtins" else f"{type(err).__module__}.{type(err).__qualname__}"
+    marker = f"\n{kind}: "
+    if text.startswith("Caught ") and "Original Traceback" in text and marker in text:
+        return text[text.rindex(marker) + len(marker):].strip()
+    return text
