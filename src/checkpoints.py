@@ -14,8 +14,10 @@ Files are only ever read with ``torch.load(..., weights_only=True)``
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,10 +189,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except Exception as err:
+            if not _disk_full(err):
+                raise
+            tmp.unlink(missing_ok=True)
+            free = shutil.disk_usage(path.parent).free
+            raise CheckpointError(
+                f"cannot write {path}: no space left on the disk of {path.parent} ({free / 2**20:.1f} MiB free). "
+                "Nothing was lost: the checkpoints written before are complete. Free space there and resume with "
+                "ckpt_path=last (or move the run folder to a disk with room and resume it there)") from err
         finally:
             tmp.unlink(missing_ok=True)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer (one live run per folder)
             stale.unlink(missing_ok=True)
+
+
+def _disk_full(err: BaseException | None) -> bool:
+    """Whether a full disk (or quota) is behind ``err``: torch's writer reports it as a
+    RuntimeError ("unexpected pos") raised while handling the OSError."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 # --------------------------------------------------------------------------- resuming

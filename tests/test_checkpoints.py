@@ -306,6 +306,32 @@ def test_sigkill_during_a_checkpoint_write_leaves_a_loadable_file(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"], "the killed writer's file is removed"
 
 
+def test_a_full_disk_is_one_message_naming_the_folder_and_nothing_is_lost(tmp_path, monkeypatch):
+    import errno
+
+    import src.checkpoints
+
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"net.w": torch.zeros(1)}, "global_step": 3}, target)
+
+    def full_disk(obj, f):  # what torch.save does when the disk fills up
+        f.write(b"partial")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662") from None
+
+    monkeypatch.setattr(src.checkpoints.torch, "save", full_disk)
+    with pytest.raises(CheckpointError) as raised:
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"net.w": torch.ones(1)}, "global_step": 6}, target)
+    message = str(user_error(raised.value))
+    assert f"no space left on the disk of {target.parent} (" in message and "MiB free" in message
+    assert "ckpt_path=last" in message and "\n" not in message
+    monkeypatch.undo()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+    assert read_checkpoint(target).global_step == 3
+
+
 @pytest.mark.slow
 def test_sigterm_writes_interrupted_checkpoint_and_exits_143(small_demo_root, tmp_path):
     folder = tmp_path / "run"
