@@ -122,6 +122,26 @@ def test_payload_checkpoint_is_refused_at_every_entry_point(small_demo_root, pay
     assert not marker.exists(), "the payload ran"
 
 
+def test_a_slurm_requeue_checkpoint_lightning_would_restore_is_read_safely_first(payload, tmp_path, monkeypatch):
+    """Without ckpt_path, Lightning on SLURM restores the folder's newest hpc_ckpt by itself."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from src.modes.train import check_slurm_restore
+
+    path, marker = payload
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    shutil.copy(path, hpc)
+    trainer = SimpleNamespace(_checkpoint_connector=SimpleNamespace(_hpc_resume_path=str(hpc)))
+    check_slurm_restore(trainer, None)  # not on SLURM: Lightning does not restore it
+    monkeypatch.setattr(SLURMEnvironment, "detect", staticmethod(lambda: True))
+    with pytest.raises(CheckpointError, match=r"refusing to load SLURM requeue checkpoint=.*hpc_ckpt_1.ckpt.*move it out"):
+        check_slurm_restore(trainer, None)
+    check_slurm_restore(trainer, str(path))  # an explicit ckpt_path: Lightning restores that one
+    assert not marker.exists()
+
+
 def test_every_torch_load_is_weights_only():
     sources = [*ROOT.glob("src/**/*.py"), *ROOT.glob("callbacks/*.py"), *ROOT.glob("data_modules/**/*.py"),
                *ROOT.glob("benchmarks/*.py"), *ROOT.glob("tests/*.py"), ROOT / "run.py"]
