@@ -121,6 +121,8 @@ def run_task(cfg: DictConfig) -> float | None:
         raise ConfigError(f"mode={cfg.mode!r} is not one of {available_modes()}")
     check_ckpt_path(cfg)
     main_process = rank_zero_only.rank == 0  # processes started by a DDP launcher share the folder
+    if not main_process:  # they would repeat every message of the main process; errors still show
+        logging.getLogger().setLevel(logging.ERROR)
     claim = claim_run_folder(cfg.paths.output_dir, cfg.mode, resume=resumes_its_folder(cfg),
                              overwrite=bool(cfg.get("overwrite")), record=cfg.mode in RUN_MODES)
     try:
