@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.checkpoints import apply_checkpoint_config, find_resume_checkpoint, read_checkpoint
 from src.config_checks import prepare_run
-from src.errors import ConfigError, user_error, user_message
+from src.errors import ConfigError, user_error
 from src.prediction_writer import unfinished_prediction
 from src.run_folder import claim_run_folder
 
@@ -150,9 +150,8 @@ def run_task_reporting_user_errors(cfg: DictConfig) -> float | None:
         cause = user_error(err)
         if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        message = user_message(cause)
-        log.error("%s", message)
-        print(f"\nError: {message}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
+        log.error("%s", cause)
+        print(f"\nError: {cause}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
 

@@ -155,9 +155,9 @@ class FailingImages(torch.utils.data.Dataset):
 
 
 def test_a_data_error_in_a_loader_worker_is_one_message():
-    from src.errors import user_error, user_message
+    from src.errors import user_error
 
     with pytest.raises(DataError) as raised:
         next(iter(torch.utils.data.DataLoader(FailingImages(), num_workers=1)))
     assert "Traceback" in str(raised.value)  # torch's wrapping
-    assert user_message(user_error(raised.value)) == "cannot read image x0.png: broken data stream. Replace or remove the file."
+    assert str(user_error(raised.value)) == "cannot read image x0.png: broken data stream. Replace or remove the file."
