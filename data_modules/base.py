@@ -27,7 +27,7 @@ import torchvision.transforms as T
 from lightning import LightningDataModule
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data._utils.collate import default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -377,12 +377,35 @@ def loader_state_for_workers(state: dict, num_workers: int) -> dict:
             "_steps_since_snapshot": 0, "_iterator_finished": finished}
 
 
+def _saved_by_distributed_sampler(state: dict) -> bool:
+    """Whether a loader state was saved behind a ``DistributedSampler`` (a DDP run), whose
+    iterator keeps no state, unlike the training samplers of one process (a seeded shuffle,
+    :class:`data_modules.multi.BalancedSampler`)."""
+    main = state["_snapshot"]["_main_snapshot"] if "_snapshot" in state else state
+    position = main.get("_sampler_iter_state") or {}
+    return "sampler_iter_state" not in position and "sampler_state" not in position
+
+
 class TrainLoader(StatefulDataLoader):
     """The training loader: stateful, and resumable with another number of workers
-    (:func:`loader_state_for_workers`), e.g. a requeued job on a machine with fewer CPUs."""
+    (:func:`loader_state_for_workers`), e.g. a requeued job on a machine with fewer CPUs.
+
+    With another number of processes (one process after DDP, or the reverse) the images are
+    shared out differently, so the epoch's position cannot be continued: the resumed epoch
+    draws its images afresh, with a warning.
+    """
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(loader_state_for_workers(state_dict, self.num_workers))
+        state = loader_state_for_workers(state_dict, self.num_workers)
+        samplers = (self.sampler, getattr(self.batch_sampler, "sampler", None))  # Lightning may put it in either
+        saved_ddp = bool(state) and _saved_by_distributed_sampler(state)
+        ddp = any(isinstance(sampler, DistributedSampler) for sampler in samplers)
+        if state and saved_ddp != ddp:
+            log.warning("The training loader's position was saved by %s and this run has %s: the resumed epoch "
+                        "draws its images afresh (not the order of an uninterrupted run)",
+                        "several processes" if saved_ddp else "one process", "several" if ddp else "one")
+            state = {}
+        super().load_state_dict(state)
 
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, sampler=None) -> DataLoader:

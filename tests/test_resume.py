@@ -164,3 +164,37 @@ def test_training_loader_resumes_with_another_number_of_workers(before, after):
     resumed = make_loader(Numbers(), 4, True, after)
     resumed.load_state_dict(state)
     assert served + batches(resumed) == uninterrupted
+
+
+def test_training_loader_resumed_with_another_number_of_processes_starts_its_epoch_afresh(caplog):
+    """One process -> DDP (Lightning puts a DistributedSampler in): the images are shared out
+    differently, so the position cannot be continued; it must not crash inside torchdata."""
+    from torch.utils.data import DistributedSampler
+
+    from data_modules.base import TrainLoader, collate_samples, make_loader
+
+    loader = make_loader(Numbers(), 4, True, 0)
+    served = [b for _, b in zip(range(3), loader)]
+    assert len(served) == 3
+    state = loader.state_dict()
+
+    def shard() -> TrainLoader:
+        return TrainLoader(Numbers(), batch_size=4, sampler=DistributedSampler(Numbers(), 2, 0, seed=5),
+                           collate_fn=collate_samples)
+
+    resumed = shard()
+    with caplog.at_level("WARNING"):
+        resumed.load_state_dict(state)
+    assert "saved by one process and this run has several" in caplog.text
+    assert batches(resumed) == batches(shard())
+
+    ddp = shard()  # and back: DDP -> one process
+    served = [b for _, b in zip(range(2), ddp)]
+    state = ddp.state_dict()
+    torch.manual_seed(0)
+    single = make_loader(Numbers(), 4, True, 0)
+    single.load_state_dict(state)
+    assert "saved by several processes and this run has one" in caplog.text
+    resumed = batches(single)
+    torch.manual_seed(0)
+    assert resumed == batches(make_loader(Numbers(), 4, True, 0))
