@@ -112,6 +112,16 @@ def test_csv_log_continues_a_file_another_process_wrote(tmp_path):
     assert [r["test/image_auroc"] for r in rows] == ["", "", "0.9"]
 
 
+def test_keep_maps_0_writes_no_overlays(tmp_path):
+    from types import SimpleNamespace
+
+    from callbacks.overlays import AnomalyMapOverlays
+
+    trainer = SimpleNamespace(test_dataloaders=SimpleNamespace(dataset=object()))
+    AnomalyMapOverlays(str(tmp_path), num_images=0).on_test_end(trainer, SimpleNamespace(test_results={0: None}))
+    assert not (tmp_path / "overlays").exists()
+
+
 # --------------------------------------------------------------------------- multirun + W&B
 def read_wandb_records(path: Path) -> list:
     """Records of an offline ``run-*.wandb`` file (LevelDB log format: 32 KiB blocks of
