@@ -5,8 +5,8 @@
 Writes ``--images`` synthetic full-size images in the MVTec AD layout (half 1024 x 1024 PNG,
 half 1500 x 1000 JPEG; a fifth of them anomalous test images with a mask each) and a
 component-mask file per image, then times :meth:`AnomalyDataModule.check_samples` for the
-``fit`` stage (listing, every image's and mask's header, mask sizes, duplicate names), without
-and with the component-mask files. The files were just written, so their headers come from the
+``fit`` stage (listing, decoding every image and mask, mask sizes, duplicate names), without
+and with reading the component-mask files. The files were just written, so they come from the
 page cache, as in a second run over a dataset. Prints one JSON line per check.
 """
 

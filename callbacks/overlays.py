@@ -36,7 +36,7 @@ class AnomalyMapOverlays(Callback):
         loaders = trainer.test_dataloaders
         loader = loaders[-1] if isinstance(loaders, (list, tuple)) else loaders
         dataset = getattr(loader, "dataset", None)
-        if dataset is None or not pl_module.test_results:
+        if dataset is None or not pl_module.test_results or self.num_images <= 0:  # evaluation.keep_maps=0: none
             return
         written = 0
         for cls, result in pl_module.test_results.items():

@@ -14,6 +14,7 @@ A family only has to list its samples (:meth:`SourceDataModule.list_samples`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,9 +25,9 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 from lightning import LightningDataModule
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torch.utils.data._utils.collate import default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -37,6 +38,14 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity; cgroup-limited containers report theirs)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class DataError(RuntimeError):
@@ -129,8 +138,15 @@ def check_image_header(img: Image.Image, path: Path) -> None:
         raise DataError(f"image {path} {problem[0]}: {problem[1]}")
 
 
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of ``img`` once its EXIF orientation is applied (:func:`open_image`)."""
+    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    return (img.height, img.width) if orientation in (5, 6, 7, 8) else img.size
+
+
 def open_image(path: Path, mode: str = "RGB") -> Image.Image:
-    """Open an image as ``mode``.
+    """Open an image as ``mode``, upright: its EXIF orientation (a camera's "rotate 90°") is
+    applied, like an image viewer does, in training, test and predict alike.
 
     Grayscale, palette and RGBA images are converted. 16-bit images (and 32-bit integer images
     holding 16-bit values) are scaled by the fixed factor 255 / 65535, never by each image's own
@@ -141,6 +157,7 @@ def open_image(path: Path, mode: str = "RGB") -> Image.Image:
         with Image.open(path) as img:
             check_image_header(img, path)
             img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
             if img.mode in SIXTEEN_BIT_MODES and mode in ("RGB", "L"):
                 array = np.asarray(img, dtype=np.int64)
                 if array.min() < 0 or array.max() > 65535:
@@ -314,13 +331,91 @@ def collate_samples(items: list[dict]) -> dict:
     return batch
 
 
+# Keys of a StatefulDataLoader's state that say where the sampler stands, whatever the worker count.
+_SAMPLER_POSITION = ("_sampler_iter_state", "_index_sampler_state", "_sampler_iter_yielded",
+                     "_IterableDataset_len_called", "_shared_seed")
+
+
+def loader_state_for_workers(state: dict, num_workers: int) -> dict:
+    """A ``StatefulDataLoader`` state written with any number of workers, in the form a loader
+    with ``num_workers`` reads (torchdata keeps one form for 0 workers and another for more).
+
+    The position is the sampler's state (the epoch's generator and the samples drawn) and the
+    batches served; both forms hold it, so the resumed epoch continues with the same images in
+    the same order. Worker states are dropped: a map-style dataset has none (the workers'
+    colour-jitter streams restart, as after any resume). Only a state without a snapshot of
+    its last batch (``snapshot_every_n_steps`` > 1) cannot be translated: its epoch restarts.
+    """
+    if not state:
+        return state
+    multi = "_snapshot" in state
+    if multi:
+        snapshot = state["_snapshot"]
+        main, position = snapshot["_main_snapshot"], snapshot["_snapshot_step"]
+        if main.get("_num_workers") == num_workers:
+            return state
+    else:
+        main, position = state, state["_num_yielded"]
+        if num_workers == 0:
+            return state
+    if multi and state.get("_steps_since_snapshot"):
+        log.warning("The training loader's position was saved %d batches after its last snapshot; with another "
+                    "number of loader workers it cannot be restored, so the resumed epoch starts afresh (the data "
+                    "order differs from an uninterrupted run)", state["_steps_since_snapshot"])
+        return {}
+    log.info("Training loader state saved with %s, read with %d worker(s): position %d batches into the epoch",
+             f"{main['_num_workers']} worker(s)" if multi else "0 workers", num_workers, position)
+    common = {key: main[key] for key in _SAMPLER_POSITION}
+    finished = state.get("_iterator_finished", False)
+    if num_workers == 0:
+        return {**common, "_num_yielded": position, "fetcher_state": None, "dataset_state": None,
+                "_iterator_finished": finished}
+    base_seed = main.get("_base_seed", int(torch.empty((), dtype=torch.int64).random_().item()))
+    return {"_snapshot": {"_snapshot_step": position, "_last_yielded_worker_id": num_workers - 1,
+                          "_main_snapshot": {**common, "_num_workers": num_workers, "_base_seed": base_seed},
+                          "_worker_snapshots": {}},
+            "_steps_since_snapshot": 0, "_iterator_finished": finished}
+
+
+def _saved_by_distributed_sampler(state: dict) -> bool:
+    """Whether a loader state was saved behind a ``DistributedSampler`` (a DDP run), whose
+    iterator keeps no state, unlike the training samplers of one process (a seeded shuffle,
+    :class:`data_modules.multi.BalancedSampler`)."""
+    main = state["_snapshot"]["_main_snapshot"] if "_snapshot" in state else state
+    position = main.get("_sampler_iter_state") or {}
+    return "sampler_iter_state" not in position and "sampler_state" not in position
+
+
+class TrainLoader(StatefulDataLoader):
+    """The training loader: stateful, and resumable with another number of workers
+    (:func:`loader_state_for_workers`), e.g. a requeued job on a machine with fewer CPUs.
+
+    With another number of processes (one process after DDP, or the reverse) the images are
+    shared out differently, so the epoch's position cannot be continued: the resumed epoch
+    draws its images afresh, with a warning.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = loader_state_for_workers(state_dict, self.num_workers)
+        samplers = (self.sampler, getattr(self.batch_sampler, "sampler", None))  # Lightning may put it in either
+        saved_ddp = bool(state) and _saved_by_distributed_sampler(state)
+        ddp = any(isinstance(sampler, DistributedSampler) for sampler in samplers)
+        if state and saved_ddp != ddp:
+            log.warning("The training loader's position was saved by %s and this run has %s: the resumed epoch "
+                        "draws its images afresh (not the order of an uninterrupted run)",
+                        "several processes" if saved_ddp else "one process", "several" if ddp else "one")
+            state = {}
+        super().load_state_dict(state)
+
+
 def make_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, sampler=None) -> DataLoader:
     """A loader over ``dataset``: shuffled (or drawn by ``sampler``) in training, in order otherwise.
 
     The training loader is stateful: checkpoints store its position in the epoch (sampler state,
-    batches served), so a resumed run continues with the same images in the same order.
+    batches served), so a resumed run continues with the same images in the same order, whatever
+    its number of workers (:class:`TrainLoader`).
     """
-    loader_class = StatefulDataLoader if train else DataLoader
+    loader_class = TrainLoader if train else DataLoader
     return loader_class(
         dataset,
         batch_size=batch_size,

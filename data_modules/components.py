@@ -9,6 +9,7 @@ resizes and crops them like the image.
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,7 @@ def read_component_masks(path: Path) -> np.ndarray:
         with np.load(path) as data:
             shape = tuple(int(s) for s in data["shape"])
             return np.unpackbits(data["masks"], axis=-1, count=shape[-1]).astype(bool).reshape(shape)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise DataError(f"component mask file {path} is unreadable ({type(err).__name__}: {err}): delete it and "
                         "compute it again with `python run.py mode=segment dataset=<name>` (a re-run recomputes "
                         "missing files)") from err

@@ -17,8 +17,10 @@ Files are only ever read with ``torch.load(..., weights_only=True)``
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,16 +199,38 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except Exception as err:
+            if not _disk_full(err):
+                raise
+            tmp.unlink(missing_ok=True)
+            free = shutil.disk_usage(path.parent).free
+            raise CheckpointError(
+                f"cannot write {path}: no space left on the disk of {path.parent} ({free / 2**20:.1f} MiB free). "
+                "Nothing was lost: the checkpoints written before are complete. Free space there and resume with "
+                "ckpt_path=last (or move the run folder to a disk with room and resume it there)") from err
         finally:
             tmp.unlink(missing_ok=True)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer (one live run per folder)
             stale.unlink(missing_ok=True)
 
 
+def _disk_full(err: BaseException | None) -> bool:
+    """Whether a full disk (or quota) is behind ``err``: torch's writer reports it as a
+    RuntimeError ("unexpected pos") raised while handling the OSError."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 # --------------------------------------------------------------------------- resuming
 def resume_candidates(output_dir: str | Path) -> list[Path]:
-    """Checkpoints a run in ``output_dir`` left, newest first: ``checkpoints/{last,interrupted,
-    step_*}.ckpt`` and Lightning's SLURM requeue checkpoints ``hpc_ckpt_<n>.ckpt``."""
+    """Checkpoints a run in ``output_dir`` left, newest first (the order among equal steps,
+    :func:`find_resume_checkpoint`): ``checkpoints/{last,interrupted,step_*}.ckpt`` and
+    Lightning's SLURM requeue checkpoints ``hpc_ckpt_<n>.ckpt``."""
     output_dir = Path(output_dir)
     folder = output_dir / "checkpoints"
     found = [folder / "last.ckpt", folder / INTERRUPTED, *folder.glob("step_*.ckpt"), *output_dir.glob("hpc_ckpt_*.ckpt")]
@@ -217,7 +241,14 @@ def resume_candidates(output_dir: str | Path) -> list[Path]:
 
 
 def find_resume_checkpoint(output_dir: str | Path) -> Checkpoint | None:
-    """The newest checkpoint of ``output_dir`` that loads; each one skipped is named in a warning."""
+    """The checkpoint of ``output_dir`` that loads and is furthest on (highest ``global_step``;
+    the newest among equal steps); each one skipped is named in a warning.
+
+    The step decides, not the modification time: a copy (``cp -r`` without ``-p``) or a restore
+    from a backup gives every file a new time in any order. Reading a candidate is cheap (its
+    tensors are memory-mapped, not read).
+    """
+    loaded = []
     for path in resume_candidates(output_dir):
         try:
             checkpoint = read_checkpoint(path)
@@ -225,6 +256,7 @@ def find_resume_checkpoint(output_dir: str | Path) -> Checkpoint | None:
             log.warning("ckpt_path=last: skipping %s: %s", path, err)
             continue
         if checkpoint.kind == "lightning":
-            return checkpoint
-        log.warning("ckpt_path=last: skipping %s: not a training checkpoint of this project", path)
-    return None
+            loaded.append(checkpoint)
+        else:
+            log.warning("ckpt_path=last: skipping %s: not a training checkpoint of this project", path)
+    return max(loaded, key=lambda c: c.global_step or 0, default=None)  # the first (newest) of equal steps

@@ -25,6 +25,7 @@ from numbers import Number
 import torch
 from omegaconf import DictConfig, open_dict
 
+from data_modules.base import available_cpus
 from src.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -41,15 +42,10 @@ HARMLESS_WARNINGS = (
      "training runs for trainer.max_steps across epochs; logging is per step"),
     (r"Using ModelCheckpoint with manual optimization and every_n_train_steps", Warning,
      "step_<n>.ckpt holds the weights after step n's update, which is what a resume from step n continues from"),
+    (r"It is recommended to use `self.log\('(test|val)/", Warning,
+     "test and validation metrics are computed from the predictions of every process (gathered), so each "
+     "process logs the same value"),
 )
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity; cgroup-limited containers report theirs)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _is_int(value) -> bool:

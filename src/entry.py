@@ -27,6 +27,7 @@ from src.checkpoints import apply_checkpoint_config, find_resume_checkpoint, rea
 from src.config_checks import prepare_run
 from src.errors import ConfigError, user_error
 from src.loggers import multirun_name
+from src.prediction_writer import unfinished_prediction
 from src.run_folder import claim_run_folder
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,10 @@ def check_ckpt_path(cfg: DictConfig) -> None:
 
 
 def resumes_its_folder(cfg: DictConfig) -> bool:
-    """Training that continues the run of ``paths.output_dir``: ``ckpt_path=last`` or one of its files."""
+    """Training that continues the run of ``paths.output_dir`` (``ckpt_path=last`` or one of its
+    files), or a prediction that continues an unfinished one (:mod:`src.prediction_writer`)."""
+    if cfg.mode == "predict":
+        return unfinished_prediction(cfg.predict.output_dir)
     ckpt_path = cfg.get("ckpt_path")
     if cfg.mode != "train" or not ckpt_path:
         return False
@@ -128,6 +132,8 @@ def run_task(cfg: DictConfig) -> float | None:
         return importlib.import_module(f"src.modes.{cfg.mode}").run(cfg)
     check_ckpt_path(cfg)
     main_process = rank_zero_only.rank == 0  # processes started by a DDP launcher share the folder
+    if not main_process:  # they would repeat every message of the main process; errors still show
+        logging.getLogger().setLevel(logging.ERROR)
     claim = claim_run_folder(cfg.paths.output_dir, cfg.mode, resume=resumes_its_folder(cfg),
                              overwrite=bool(cfg.get("overwrite")), record=cfg.mode in RUN_MODES)
     try:

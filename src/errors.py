@@ -23,7 +23,21 @@ def user_error(err: BaseException) -> BaseException | None:
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, USER_ERRORS):
-            return err
+            return _unwrapped(err)
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def _unwrapped(err: BaseException) -> BaseException:
+    """A user error raised in a data-loader worker reaches this process as the same type whose
+    message is torch's "Caught <type> in DataLoader worker process N" and the worker's traceback:
+    the error with the original message alone (caused by the wrapped one)."""
+    text = str(err)
+    kind = type(err).__qualname__ if type(err).__module__ == "builtins" else f"{type(err).__module__}.{type(err).__qualname__}"
+    marker = f"\n{kind}: "
+    if not (text.startswith("Caught ") and "Original Traceback" in text and marker in text):
+        return err
+    original = type(err)(text[text.rindex(marker) + len(marker):].strip())
+    original.__cause__ = err
+    return original

@@ -105,12 +105,39 @@ def git_commit(root: str | Path) -> dict[str, str | bool | None]:
 
 
 class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not deleted."""
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued, not deleted.
+
+    The columns are those of the file as it is when rows are saved, not as it was when the
+    writer was made: another process may have written it since (the training processes of
+    ``trainer=ddp_sim`` write it, then the main process appends the test metrics).
+    """
+
+    def _file_columns(self) -> list[str]:
+        if not os.path.isfile(self.metrics_file_path):
+            return []
+        with open(self.metrics_file_path, newline="") as f:
+            return next(csv.reader(f), [])
 
     def _check_log_dir_exists(self) -> None:
-        if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
-                self.metrics_keys = sorted(next(csv.reader(f), []))
+        self.metrics_keys = sorted(self._file_columns())
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        columns = self._file_columns()
+        keys = set(columns) | set(self.metrics_keys) | set().union(*self.metrics)
+        if columns and keys == set(columns):
+            self.metrics_keys = columns  # append in the file's own column order
+        else:
+            self.metrics_keys = sorted(keys)
+            if columns:
+                self._rewrite_with_new_header(self.metrics_keys)
+        with open(self.metrics_file_path, "a" if columns else "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+            if not columns:
+                writer.writeheader()
+            writer.writerows(self.metrics)
+        self.metrics = []
 
 
 class AppendingCSVLogger(CSVLogger):

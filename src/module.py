@@ -133,6 +133,9 @@ class AnomalyMoEModule(LightningModule):
         self.segmentation: PartSegmentation | None = None
 
     def setup(self, stage: str) -> None:
+        from src.config_checks import silence_harmless_warnings
+
+        silence_harmless_warnings()  # processes started by trainer=ddp_sim (spawn) do not inherit the filters
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "test_class_keys"):
             self.class_keys = list(datamodule.test_class_keys)
@@ -300,7 +303,7 @@ class AnomalyMoEModule(LightningModule):
             logs.update({f"train/routing/{name}/{expert}": share[e] for e, expert in enumerate(names)})
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=out.logits.shape[0])
         self.log("train/loss_epoch", terms.loss.detach(), on_step=False, on_epoch=True, prog_bar=True,
-                 batch_size=out.logits.shape[0])
+                 batch_size=out.logits.shape[0], sync_dist=True)  # the mean over processes, once an epoch
 
     # ------------------------------------------------------------------ validation (sweeps)
     def on_validation_start(self) -> None:

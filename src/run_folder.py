@@ -4,7 +4,8 @@
   stop at once; a lock whose process no longer runs on this host is stale and taken over.
 * ``<folder>/run.json`` says which run (mode, command, start time) wrote the folder.
 * A run that finds an earlier run's results there (checkpoints, ``results.json``, predictions,
-  an export) refuses to start, unless it resumes that run (``mode=train ckpt_path=last``) or
+  an export) refuses to start, unless it resumes that run (``mode=train ckpt_path=last``, or a
+  ``mode=predict`` that was stopped before it finished) or
   ``overwrite=true`` asks to start afresh (the earlier checkpoints and logs are then deleted, so
   that they cannot be mixed with the new ones). A run that stopped before writing any of them
   leaves nothing to protect.
@@ -34,6 +35,12 @@ RUN_FILES = ("checkpoints", "results.json", "predictions", "model_final.pth")
 # What overwrite=true deletes: what a new run would otherwise mix with its own.
 REPLACED = (RECORD, "checkpoints", "csv", "wandb", "tensorboard", "predictions", "calibration.json",
             "results.json", "results.csv")
+
+
+# How a run of each mode continues the run of its folder, for the refusal above.
+RESUME_HINTS = {"train": "resume its training with mode=train ckpt_path=last, ",
+                "predict": "finish a stopped prediction by running it again (a folder with predictions.partial.jsonl "
+                           "continues), "}
 
 
 class RunFolderError(ConfigError):
@@ -110,7 +117,7 @@ def claim_run_folder(folder: str | Path, mode: str, resume: bool = False, overwr
         elif earlier and not resume:
             raise RunFolderError(
                 f"paths.output_dir={folder} already holds a run ({', '.join(earlier)}): choose another "
-                "paths.output_dir (the default is a new folder per run), resume it with mode=train ckpt_path=last, "
+                f"paths.output_dir (the default is a new folder per run), {RESUME_HINTS.get(mode, '')}"
                 "or replace it with overwrite=true"
             )
         if record:

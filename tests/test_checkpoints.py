@@ -122,6 +122,26 @@ def test_payload_checkpoint_is_refused_at_every_entry_point(small_demo_root, pay
     assert not marker.exists(), "the payload ran"
 
 
+def test_a_slurm_requeue_checkpoint_lightning_would_restore_is_read_safely_first(payload, tmp_path, monkeypatch):
+    """Without ckpt_path, Lightning on SLURM restores the folder's newest hpc_ckpt by itself."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from src.modes.train import check_slurm_restore
+
+    path, marker = payload
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    shutil.copy(path, hpc)
+    trainer = SimpleNamespace(_checkpoint_connector=SimpleNamespace(_hpc_resume_path=str(hpc)))
+    check_slurm_restore(trainer, None)  # not on SLURM: Lightning does not restore it
+    monkeypatch.setattr(SLURMEnvironment, "detect", staticmethod(lambda: True))
+    with pytest.raises(CheckpointError, match=r"refusing to load SLURM requeue checkpoint=.*hpc_ckpt_1.ckpt.*move it out"):
+        check_slurm_restore(trainer, None)
+    check_slurm_restore(trainer, str(path))  # an explicit ckpt_path: Lightning restores that one
+    assert not marker.exists()
+
+
 def test_every_torch_load_is_weights_only():
     sources = [*ROOT.glob("src/**/*.py"), *ROOT.glob("callbacks/*.py"), *ROOT.glob("data_modules/**/*.py"),
                *ROOT.glob("benchmarks/*.py"), *ROOT.glob("tests/*.py"), ROOT / "run.py"]
@@ -239,6 +259,23 @@ def test_last_checkpoint_is_the_final_model_and_resume_keeps_the_logs(demo_run, 
     assert steps[: len(first)] == first and len(steps) == len(first) + 2, "the first attempt's rows were lost"
 
 
+def test_resuming_training_on_other_data_is_refused(demo_run, small_demo_root, tmp_path):
+    folder = tmp_path / "resumed"
+    shutil.copytree(demo_run, folder)
+    other = tmp_path / "other"  # the same classes, one training image fewer
+    shutil.copytree(small_demo_root, other)
+    next((other / "fabric" / "train" / "good").glob("*.png")).unlink()
+    for data, said in ((["dataset.classes=[fabric]"], "but this run reads classes demo/fabric (8 training images)"),
+                       ([f"dataset.root={other}", f"dataset.component_masks={other}/components_true"],
+                        "(15 training images), other images under the same class names")):
+        with pytest.raises(ConfigError) as raised:
+            train(small_demo_root, folder, "trainer.max_steps=9", "ckpt_path=last", *data)
+        message = str(raised.value)
+        assert "was trained on classes demo/fabric, demo/widget (16 training images)" in message and said in message
+        assert "another paths.output_dir without ckpt_path" in message
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7  # nothing trained
+
+
 def test_resume_falls_back_past_damaged_checkpoints(demo_run, small_demo_root, tmp_path, caplog):
     folder = tmp_path / "crashed"
     shutil.copytree(demo_run, folder)
@@ -287,6 +324,32 @@ def test_sigkill_during_a_checkpoint_write_leaves_a_loadable_file(tmp_path):
     assert not [p for p in (tmp_path / "tmp").rglob("*") if p.is_file()], "nothing is staged in TMPDIR"
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"net.w": torch.zeros(1)}, "global_step": 9}, target)
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"], "the killed writer's file is removed"
+
+
+def test_a_full_disk_is_one_message_naming_the_folder_and_nothing_is_lost(tmp_path, monkeypatch):
+    import errno
+
+    import src.checkpoints
+
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"net.w": torch.zeros(1)}, "global_step": 3}, target)
+
+    def full_disk(obj, f):  # what torch.save does when the disk fills up
+        f.write(b"partial")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662") from None
+
+    monkeypatch.setattr(src.checkpoints.torch, "save", full_disk)
+    with pytest.raises(CheckpointError) as raised:
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"net.w": torch.ones(1)}, "global_step": 6}, target)
+    message = str(user_error(raised.value))
+    assert f"no space left on the disk of {target.parent} (" in message and "MiB free" in message
+    assert "ckpt_path=last" in message and "\n" not in message
+    monkeypatch.undo()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+    assert read_checkpoint(target).global_step == 3
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra.utils import instantiate
 from PIL import Image
 
@@ -89,4 +90,74 @@ def test_unreadable_component_mask_file_is_a_data_error_naming_it(tmp_path):
         load_component_masks(tmp_path, sample, (8, 8))
     path.write_bytes(b"not a zip")
     problems = validate_samples([sample], {"d": tmp_path})
-    assert [p.what for p in problems] == ["unreadable component mask file"] and problems[0].path == path
+    assert len(problems) == 1 and problems[0].what.startswith("unreadable component mask file (")
+    assert problems[0].path == path
+
+
+def test_the_check_before_training_reads_what_the_loader_reads(tmp_path):
+    """A JPEG cut short with its header intact, and component-mask files that are zip archives
+    with a damaged member or without their ``shape`` entry, are found before step 1."""
+    import zipfile
+
+    from data_modules.components import component_path, save_component_masks
+
+    rng = np.random.default_rng(0)
+    good, cut = tmp_path / "good.jpg", tmp_path / "cut.jpg"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good, quality=95)
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    samples = [Sample(p, 0, "train", "good", "d", "c") for p in (good, cut)]
+    problems = validate_samples(samples)
+    assert [p.path for p in problems] == [cut] and "not a readable image" in problems[0].what
+
+    masks = tmp_path / "masks"
+    damaged = component_path(masks, "c", "train", "good", "good")
+    save_component_masks(damaged, rng.random((2, 64, 64)) > 0.5)
+    data = bytearray(damaged.read_bytes())
+    data[60:80] = bytes(20)  # inside the first member's compressed data: the zip's directory is intact
+    damaged.write_bytes(bytes(data))
+    assert zipfile.is_zipfile(damaged)
+    problems = validate_samples(samples[:1], {"d": masks})
+    assert [p.path for p in problems] == [damaged] and "unreadable component mask file" in problems[0].what
+    with zipfile.ZipFile(damaged, "w") as archive:  # the masks without their shape entry
+        archive.writestr("masks.npy", b"")
+    assert "unreadable component mask file (KeyError" in validate_samples(samples[:1], {"d": masks})[0].what
+    save_component_masks(damaged, np.zeros((2, 32, 64), bool))  # readable, but not the image's size
+    assert "component masks are 64x32 but the image" in validate_samples(samples[:1], {"d": masks})[0].what
+
+
+def test_exif_orientation_is_applied_when_an_image_is_opened(tmp_path):
+    """A camera's portrait photo (pixels stored landscape, EXIF orientation 6: turn 90° clockwise)
+    is used upright in training, test and predict, and its mask has the upright size."""
+    pixels = np.zeros((20, 40, 3), np.uint8)  # (H, W, C) as stored
+    pixels[0, 0] = 255
+    photo = Image.fromarray(pixels)
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "photo.jpg"
+    photo.save(path, exif=exif, quality=100)
+    upright = np.asarray(open_image(path))
+    assert upright.shape == (40, 20, 3)
+    assert upright[0, -1, 0] > 200 and upright[0, 0, 0] < 50  # the top-left pixel is now top-right
+    mask = tmp_path / "photo_mask.png"
+    Image.new("L", (20, 40)).save(mask)
+    sample = Sample(path, 1, "test", "bad", "d", "c", mask)
+    assert validate_samples([sample]) == []
+    Image.new("L", (40, 20)).save(mask)  # the size of the stored pixels, not of the upright image
+    assert "mask is 40x20 but its image" in validate_samples([sample])[0].what
+
+
+class FailingImages(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        raise DataError(f"cannot read image x{index}.png: broken data stream. Replace or remove the file.")
+
+
+def test_a_data_error_in_a_loader_worker_is_one_message():
+    from src.errors import user_error
+
+    with pytest.raises(DataError) as raised:
+        next(iter(torch.utils.data.DataLoader(FailingImages(), num_workers=1)))
+    assert "Traceback" in str(raised.value)  # torch's wrapping
+    assert str(user_error(raised.value)) == "cannot read image x0.png: broken data stream. Replace or remove the file."

@@ -105,3 +105,49 @@ def test_calibration_travels_in_the_checkpoint(demo_checkpoint, tmp_path, small_
     assert Calibration.from_dict(saved["calibration"]) == calibration
     load_weights(module, read_checkpoint(ckpt), calibration=False)  # evaluation.recalibrate=true
     assert module.calibration is None
+
+
+def test_a_stopped_prediction_keeps_its_results_and_continues(small_demo_root, demo_checkpoint, ten_images, tmp_path,
+                                                              monkeypatch):
+    """Stop mode=predict while it writes its third heat map (as a kill would): the images scored
+    so far are on disk, no heat map is cut short, the folder says it is unfinished; running the
+    command again scores only the rest and gives the results of an uninterrupted run."""
+    from src.errors import ConfigError
+    from src.prediction_writer import PARTIAL
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for image in sorted(ten_images.glob("*.png"))[:4] + [ten_images / "broken.png"]:
+        shutil.copy(image, inputs / image.name)
+    extra = ("predict.batch_size=2", "evaluation.calibration.images_per_class=2")
+    reference = predict(small_demo_root, demo_checkpoint, inputs, tmp_path / "whole", *extra)
+
+    saved, original_save = [], Image.Image.save
+
+    def killed_on_the_third(self, fp, *args, **kwargs):
+        if len(saved) == 2:
+            Path(fp).write_bytes(b"\x89PNG cut short")
+            raise KeyboardInterrupt
+        saved.append(fp)
+        return original_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", killed_on_the_third)
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        predict(small_demo_root, demo_checkpoint, inputs, out, *extra)
+    monkeypatch.undo()
+    folder = out / "predictions"
+    rows = (folder / PARTIAL).read_text().splitlines()
+    assert len(rows) == 1 + 2 and not (folder / "predictions.json").exists()  # header and the first batch
+    assert sorted(p.name for p in (folder / "heatmaps").iterdir()) == sorted(Path(p).name for p in [
+        r["heatmap"] for r in reference["images"][:2]])  # no partial file left behind
+
+    with pytest.raises(ConfigError, match="unfinished prediction of other settings.*class_key"):
+        predict(small_demo_root, demo_checkpoint, inputs, out, *extra, "predict.class_key=demo/widget")
+    resumed = predict(small_demo_root, demo_checkpoint, inputs, out, *extra)
+    assert not (folder / PARTIAL).exists()
+    assert [(r["path"], r["heatmap"]) for r in resumed["images"]] == [(r["path"], r["heatmap"]) for r in reference["images"]]
+    assert [r["score"] for r in resumed["images"]] == pytest.approx([r["score"] for r in reference["images"]], abs=1e-6)
+    assert resumed["num_errors"] == 1 and resumed["num_scored"] == 4
+    for entry in resumed["images"]:
+        Image.open(folder / entry["heatmap"]).load()

@@ -128,3 +128,73 @@ def test_resume_path_rules(tmp_path):
         torch.save({"state_dict": {"net.w": torch.zeros(1)}, "global_step": 2}, path)
     os.utime(last, (1, 1))  # the SLURM requeue checkpoint is newer
     assert find_resume_checkpoint(tmp_path).path == hpc
+    # The furthest step wins, whatever the file times (a copy without -p gives them in any order).
+    step = tmp_path / "checkpoints" / "step_000010.ckpt"
+    torch.save({"state_dict": {"net.w": torch.zeros(1)}, "global_step": 10}, step)
+    torch.save({"state_dict": {"net.w": torch.zeros(1)}, "global_step": 12}, last)
+    os.utime(last, (1, 1))
+    assert find_resume_checkpoint(tmp_path).path == last
+
+
+class Numbers(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 37
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": torch.tensor(index)}
+
+
+def batches(loader) -> list[list[int]]:
+    return [b["image"].tolist() for b in loader]
+
+
+@pytest.mark.parametrize(("before", "after"), [(0, 1), (1, 0), (1, 2)])
+def test_training_loader_resumes_with_another_number_of_workers(before, after):
+    """A requeued job on a machine with fewer CPUs (workers are capped at CPUs - 1) continues the
+    epoch exactly: same images, same order."""
+    from data_modules.base import make_loader
+
+    torch.manual_seed(0)
+    uninterrupted = batches(make_loader(Numbers(), 4, True, before))
+    torch.manual_seed(0)
+    loader = make_loader(Numbers(), 4, True, before)
+    served = [b["image"].tolist() for _, b in zip(range(3), loader)]
+    state = loader.state_dict()
+    torch.manual_seed(1)  # the state decides, not the seed
+    resumed = make_loader(Numbers(), 4, True, after)
+    resumed.load_state_dict(state)
+    assert served + batches(resumed) == uninterrupted
+
+
+def test_training_loader_resumed_with_another_number_of_processes_starts_its_epoch_afresh(caplog):
+    """One process -> DDP (Lightning puts a DistributedSampler in): the images are shared out
+    differently, so the position cannot be continued; it must not crash inside torchdata."""
+    from torch.utils.data import DistributedSampler
+
+    from data_modules.base import TrainLoader, collate_samples, make_loader
+
+    loader = make_loader(Numbers(), 4, True, 0)
+    served = [b for _, b in zip(range(3), loader)]
+    assert len(served) == 3
+    state = loader.state_dict()
+
+    def shard() -> TrainLoader:
+        return TrainLoader(Numbers(), batch_size=4, sampler=DistributedSampler(Numbers(), 2, 0, seed=5),
+                           collate_fn=collate_samples)
+
+    resumed = shard()
+    with caplog.at_level("WARNING"):
+        resumed.load_state_dict(state)
+    assert "saved by one process and this run has several" in caplog.text
+    assert batches(resumed) == batches(shard())
+
+    ddp = shard()  # and back: DDP -> one process
+    served = [b for _, b in zip(range(2), ddp)]
+    state = ddp.state_dict()
+    torch.manual_seed(0)
+    single = make_loader(Numbers(), 4, True, 0)
+    single.load_state_dict(state)
+    assert "saved by several processes and this run has one" in caplog.text
+    resumed = batches(single)
+    torch.manual_seed(0)
+    assert resumed == batches(make_loader(Numbers(), 4, True, 0))

@@ -3,6 +3,7 @@ logger modes, validation split and export."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -70,6 +71,55 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     start = net_weights(tmp_path / "one" / "checkpoints" / "step_000001.ckpt")
     start.pop("step")
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3
+
+
+@pytest.mark.slow
+def test_ddp_sim_trains_and_tests_with_the_csv_logger(tmp_path):
+    """The project's CPU DDP config as a user runs it: CSV logger, test after training. The test
+    names the final checkpoint and its step, and no process warns about unsynchronised metrics."""
+    out = tmp_path / "run"
+    proc = run_cli("experiment=demo", f"dataset.root={tmp_path / 'data'}", "+dataset.num_train=4", *SMALL_DEMO,
+                   f"dataset.component_masks={tmp_path / 'data'}/components_true", "trainer=ddp_sim", "trainer.max_steps=2", "trainer.log_every_n_steps=1",
+                   "dataset.batch_size=2", "module.scheduler.warmup_steps=1",
+                   "evaluation.calibration.images_per_class=2",
+                   "+trainer.enable_progress_bar=false", f"paths.output_dir={out}")
+    report = json.loads((out / "results.json").read_text())
+    assert report["checkpoint"] == {"path": str(out / "checkpoints" / "last.ckpt"), "global_step": 2}
+    header = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/loss" in header and "train/loss_epoch" in header and "test/image_auroc" in header
+    output = proc.stdout + proc.stderr
+    assert "sync_dist" not in output
+    assert output.count("Saved the final model") <= 1
+
+
+def test_csv_log_continues_a_file_another_process_wrote(tmp_path):
+    """trainer=ddp_sim: the main process's writer exists before the training processes write
+    ``metrics.csv`` with more columns; its test rows must keep theirs."""
+    from src.loggers import AppendingCSVLogger
+
+    main = AppendingCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    main.experiment  # made before training, as Lightning does
+    child = AppendingCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    child.log_metrics({"train/loss": 1.0}, step=0)
+    child.log_metrics({"train/loss_epoch": 0.5}, step=1)
+    child.save()
+    main.log_metrics({"test/image_auroc": 0.9}, step=1)
+    main.save()
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["train/loss"] for r in rows] == ["1.0", "", ""]
+    assert [r["train/loss_epoch"] for r in rows] == ["", "0.5", ""]
+    assert [r["test/image_auroc"] for r in rows] == ["", "", "0.9"]
+
+
+def test_keep_maps_0_writes_no_overlays(tmp_path):
+    from types import SimpleNamespace
+
+    from callbacks.overlays import AnomalyMapOverlays
+
+    trainer = SimpleNamespace(test_dataloaders=SimpleNamespace(dataset=object()))
+    AnomalyMapOverlays(str(tmp_path), num_images=0).on_test_end(trainer, SimpleNamespace(test_results={0: None}))
+    assert not (tmp_path / "overlays").exists()
 
 
 # --------------------------------------------------------------------------- multirun + W&B

@@ -26,13 +26,13 @@ the preprocessing (:mod:`src.checkpoints`), so ``ckpt_path`` and ``predict.input
 Writes to ``predict.output_dir``: ``predictions.json`` (every image's score, decision, class and
 how it was chosen, the images that could not be read and why, the files that are not images),
 ``predictions.csv`` (the columns of a test run's ``scores.csv``) and one heat-map PNG per image in
-``heatmaps/`` (image | heat map | predicted mask). Component masks of the inputs, if
-any, are read from ``predict.component_masks`` (same relative layout as the input, ``.npz``).
+``heatmaps/`` (image | heat map | predicted mask), through
+:class:`src.prediction_writer.PredictionWriter`: results are recorded as each batch is scored,
+and a stopped prediction continues when run again.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import asdict
@@ -51,6 +51,7 @@ from src.errors import ConfigError
 from src.evaluation.calibration import GROUPS, POOLED
 from src.evaluation.report import expert_names, score_row, write_score_rows
 from src.evaluation.visualize import fit_image, render_panels
+from src.prediction_writer import PredictionWriter, relative_path
 from src.segment.online import OnlineSegmenter
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class ImageFiles(Dataset):
                 item.update(class_key=choice.key, class_margin=choice.margin if self.class_key is None else None,
                             masks_from="computed")
             elif self.mask_root is not None:
-                mask_file = self.mask_root / _relative(path, self.root).with_suffix(".npz")
+                mask_file = self.mask_root / relative_path(path, self.root).with_suffix(".npz")
                 if not mask_file.is_file():
                     raise DataError(f"component masks for {path} not found: expected {mask_file}")
                 masks = read_component_masks(mask_file)
@@ -126,19 +127,6 @@ def collate(items: list[dict]) -> dict:
         return {"errors": errors}
     info = {k: [i.pop(k) for i in readable] for k in INFO}
     return {**collate_samples(readable), **info, "errors": errors}
-
-
-def _relative(path: Path, root: Path) -> Path:
-    return path.relative_to(root) if root.is_dir() and path.is_relative_to(root) else Path(path.name)
-
-
-def _heatmap_name(path: Path, root: Path, used: set[str]) -> str:
-    name = "__".join(_relative(path, root).with_suffix("").parts)
-    candidate, i = f"{name}.png", 1
-    while candidate in used:
-        candidate, i = f"{name}_{i}.png", i + 1
-    used.add(candidate)
-    return candidate
 
 
 def choose_segmenter(module, settings, device) -> tuple[OnlineSegmenter | None, str | None]:
@@ -203,43 +191,44 @@ def run(cfg: DictConfig) -> float | None:
                  module.segmentation.route, len(module.segmentation.classes),
                  "" if class_key else "; each image's class chosen by its nearest part prototypes")
 
+    # After every check: an unfinished prediction in the folder is one that could run.
+    writer = PredictionWriter(out, root, {"checkpoint": str(checkpoint.path), "input": str(root),
+                                          "class_key": settings.class_key})
     transforms = getattr(datamodule, "transforms", None) or AnomalyTransforms()
-    dataset = ImageFiles(images, transforms, root, mask_root, segmenter, class_key)
+    dataset = ImageFiles(writer.todo(images), transforms, root, mask_root, segmenter, class_key)
     loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate)
     names = expert_names(module.net.num_experts)
     scorer = module.evaluator.scorer
-    heat_dir, maps_dir, used = out / "heatmaps", out / "group_maps", set()
-    heat_dir.mkdir(exist_ok=True)
+    maps_dir = out / "group_maps"
     if settings.get("save_group_maps"):
         maps_dir.mkdir(exist_ok=True)
-    results, rows, errors = [], [], []
     for batch, prediction in module.infer(loader):
-        errors += batch.pop("errors")
+        writer.add(batch.pop("errors"))
         if prediction is None:
             continue
+        entries = []
         for i, path in enumerate(batch["path"]):
             key, masked = batch["class_key"][i], batch["masks_from"][i] != "none"
             stats = calibration.get(key, masks=masked or module.net.num_experts[2] == 0)
             scored = scorer.score(prediction.select([i]), stats)
             score, anomalous = float(scored.scores[0]), bool(scored.anomalous[0])
-            routing = prediction.routing_weights[i].tolist()
             entry = {"path": path, "class": key or POOLED, "score": score, "anomalous": anomalous,
                      "component_masks": batch["masks_from"][i],
-                     "experts": {n: round(w, 6) for n, w in zip(names, routing) if w > 0}}
+                     "experts": {n: round(w, 6) for n, w in zip(names, prediction.routing_weights[i].tolist()) if w > 0}}
             if batch["class_margin"][i] is not None:
                 entry["class_margin"] = batch["class_margin"][i]
-            name = _heatmap_name(Path(path), root, used)
             if settings.heatmaps:
                 heat = scored.final[0, 0].cpu().numpy()
                 image = fit_image(batch["display"][i], heat.shape[-1])
-                render_panels(image, heat, 2 * stats.threshold, stats.threshold).save(heat_dir / name)
-                entry["heatmap"] = f"heatmaps/{name}"
+                entry["heatmap"] = writer.heatmap(render_panels(image, heat, 2 * stats.threshold, stats.threshold), path)
             if settings.get("save_group_maps"):  # the raw maps of the three expert groups, model resolution
-                maps = {g: getattr(prediction, f"map_{g}")[i, 0].cpu().numpy() for g in GROUPS}
-                np.savez_compressed(maps_dir / Path(name).with_suffix(".npz"), **maps)
-                entry["group_maps"] = f"group_maps/{Path(name).with_suffix('.npz')}"
-            results.append(entry)
-            rows.append(score_row(path, key or POOLED, score, anomalous, routing, names))
+                name = "__".join(relative_path(Path(path), root).with_suffix("").parts) + ".npz"
+                np.savez_compressed(maps_dir / name, **{g: getattr(prediction, f"map_{g}")[i, 0].cpu().numpy()
+                                                        for g in GROUPS})
+                entry["group_maps"] = f"group_maps/{name}"
+            entries.append(entry)
+        writer.add(entries)
+    results, errors = writer.results(images)
     for error in errors:
         log.warning("not scored: %s", error["error"])
 
@@ -274,8 +263,10 @@ def run(cfg: DictConfig) -> float | None:
         "errors": errors,
         "skipped": [{"path": str(p), "reason": "not an image file extension"} for p in others],
     }
-    (out / "predictions.json").write_text(json.dumps(summary, indent=2))
+    rows = [score_row(r["path"], r["class"], r["score"], r["anomalous"], [r["experts"].get(n, 0.0) for n in names], names)
+            for r in results]
     write_score_rows(rows, out / "predictions.csv", names)
+    writer.finish(summary)
     log.info("Scored %d of %d images (%d anomalous, %d unreadable, %d other files skipped); wrote %s and %s",
              len(results), len(images), flagged, len(errors), len(others), out / "predictions.json",
              out / "predictions.csv")

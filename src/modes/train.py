@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import hydra
 from lightning import Trainer
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from src.build import build_components, require_component_masks
+from src.checkpoints import load_weights, read_checkpoint
 from src.errors import ConfigError
+from src.models.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +24,34 @@ def logged_metric(trainer: Trainer, name: str) -> float | None:
     """A metric the module logged (``trainer.callback_metrics``), or None."""
     value = trainer.callback_metrics.get(name)
     return float(value) if value is not None else None
+
+
+def check_slurm_restore(trainer: Trainer, ckpt_path: str | None) -> None:
+    """Without ``ckpt_path``, Lightning on SLURM restores the newest ``hpc_ckpt_<n>.ckpt`` of the
+    run folder by itself: read it first the project's way, so that a file it refuses (one holding
+    Python objects, a damaged one) is the project's one-line error, not torch's traceback."""
+    if ckpt_path is None and SLURMEnvironment.detect():
+        path = trainer._checkpoint_connector._hpc_resume_path
+        if path is None:
+            return
+        try:
+            read_checkpoint(path, what="SLURM requeue checkpoint")
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}. Lightning restores {Path(path).name} by itself on SLURM: move it out of "
+                                  f"{Path(path).parent} to train without it") from None
+
+
+def take_final_checkpoint(trainer: Trainer, module) -> None:
+    """After a fit in spawned processes (``trainer=ddp_sim``) this process's module has the final
+    weights but not what the fit knew about them: load ``last.ckpt`` (weights, calibration, file
+    and step), so that the test names the checkpoint it evaluates."""
+    callback = trainer.checkpoint_callback
+    spawned = isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)
+    if not spawned or module.checkpoint_info is not None or not getattr(callback, "dirpath", None):
+        return
+    last = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+    if last.is_file():
+        load_weights(module, read_checkpoint(last))
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -47,7 +80,9 @@ def run(cfg: DictConfig) -> float | None:
         if rank_zero_only.rank == 0 and segment_datasets(cfg, datamodule, module.net.encoder, only_missing=True):
             log.info("Component masks computed on first use (segment.on_first_use=true)")
         require_component_masks(cfg, datamodule)
+    check_slurm_restore(trainer, cfg.get("ckpt_path"))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    take_final_checkpoint(trainer, module)
     metric = cfg.get("optimized_metric")
     value = logged_metric(trainer, metric) if metric else None
     if metric and value is None:
