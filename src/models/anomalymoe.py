@@ -176,6 +176,13 @@ class AnomalyMoE(nn.Module):
             return torch.arange(mask_column.shape[0], device=mask_column.device)
         return mask_column.nonzero(as_tuple=True)[0]
 
+    def _scatter_add(self, target: Tensor, rows: Tensor, values: Tensor) -> Tensor:
+        """``target`` with ``values`` added to its ``rows``; dense dispatch runs on every row, so a
+        plain sum (which the ONNX export translates faithfully, unlike an in-place ``index_add_``)."""
+        if self.dispatch == "dense":
+            return target + values
+        return target.index_add_(0, rows, values)
+
     def split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, E) per-expert columns -> the patch, global and component experts' columns."""
         return split_experts(x, self.num_experts)
@@ -328,13 +335,13 @@ class AnomalyMoE(nn.Module):
         for i, run in enumerate(self._patch_runs(taps, self.fuse_groups_eval, mask_p, grid)):
             if run is not None:
                 distance = 1 - F.cosine_similarity(en_map[run.rows], run.de_maps[-1], dim=1)  # (n, h, w)
-                map_p.index_add_(0, run.rows, (w_p[run.rows, i, None, None] * distance).to(map_p.dtype))
+                map_p = self._scatter_add(map_p, run.rows, (w_p[run.rows, i, None, None] * distance).to(map_p.dtype))
 
         map_g = image.new_zeros(b, *grid)
         for j, run in enumerate(self._global_runs(image_ae, mask_g, grid)):
             if run is not None:
                 distance = (run.autoencoder - run.student).pow(2).mean(dim=1)  # (n, h, w)
-                map_g.index_add_(0, run.rows, (w_g[run.rows, j, None, None] * distance).to(map_g.dtype))
+                map_g = self._scatter_add(map_g, run.rows, (w_g[run.rows, j, None, None] * distance).to(map_g.dtype))
 
         map_k = image.new_zeros(b, 1, height, width)
         has_masks = masks is not None and num_masks is not None and masks.shape[1] > 0 and len(self.component_experts) > 0

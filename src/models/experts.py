@@ -237,11 +237,20 @@ class ComponentExpert(nn.Module):
         return self.decoder(self.encoder(features))
 
 
+def legacy_nearest_index(in_size: int, out_size: int, device=None) -> Tensor:
+    """(out_size,) source pixel of each output pixel of ``F.interpolate(mode="nearest")`` when
+    downsampling: floor(i * in / out) in float32, as its CPU kernel."""
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    return (torch.arange(out_size, dtype=torch.float32) * scale).floor().long().clamp_max(in_size - 1).to(device)
+
+
 def pool_component_slots(feature_map: Tensor, masks: Tensor, dilation: int = 5) -> Tensor:
     """(B, C, h, w) features and (B, K, H, W) masks -> (B, K, C) mean feature inside each dilated
     mask, padding slots included (an empty mask gives a zero vector)."""
-    # Legacy nearest picks the top-left pixel of each patch, as the original does.
-    small = F.interpolate(masks.float(), size=feature_map.shape[-2:], mode="nearest")  # (B, K, h, w)
+    # Legacy nearest picks the top-left pixel of each patch, as the original does (by indexing:
+    # the ONNX export translates this resize with other source pixels).
+    rows, cols = (legacy_nearest_index(n, m, masks.device) for n, m in zip(masks.shape[-2:], feature_map.shape[-2:]))
+    small = masks[:, :, rows][:, :, :, cols].float()  # (B, K, h, w)
     if dilation > 1:
         small = F.max_pool2d(small, dilation, stride=1, padding=dilation // 2)
     return torch.einsum("bkhw,bchw->bkc", small, feature_map) / (small.sum((2, 3)).unsqueeze(-1) + 1e-8)

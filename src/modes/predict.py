@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -48,7 +49,7 @@ from data_modules.components import read_component_masks
 from src.build import build_module
 from src.checkpoints import load_weights, read_checkpoint
 from src.errors import ConfigError
-from src.evaluation.calibration import GROUPS, POOLED
+from src.evaluation.calibration import GROUPS, POOLED, NormalStatistics
 from src.evaluation.report import expert_names, score_row, write_score_rows
 from src.evaluation.visualize import fit_image, render_panels
 from src.segment.online import OnlineSegmenter
@@ -157,6 +158,50 @@ def choose_segmenter(module, settings, device) -> tuple[OnlineSegmenter | None, 
     return segmenter, None
 
 
+def score_with_checkpoint(module, calibration, loader: DataLoader, group_maps: bool = False) -> Iterator[dict]:
+    """Each image of ``loader`` (:class:`ImageFiles`) scored by the model with its class's statistics:
+    one record per image (see :func:`write_predictions`), ``{"path", "error"}`` for an unreadable one."""
+    scorer = module.evaluator.scorer
+    for batch, prediction in module.infer(loader):
+        yield from batch.pop("errors")
+        if prediction is None:
+            continue
+        for i, path in enumerate(batch["path"]):
+            key, masked = batch["class_key"][i], batch["masks_from"][i] != "none"
+            stats = calibration.get(key, masks=masked or module.net.num_experts[2] == 0)
+            scored = scorer.score(prediction.select([i]), stats)
+            record = {"path": path, "class": key or POOLED, "class_margin": batch["class_margin"][i],
+                      "masks_from": batch["masks_from"][i], "score": float(scored.scores[0]),
+                      "anomalous": bool(scored.anomalous[0]), "routing": prediction.routing_weights[i].tolist(),
+                      "map": scored.final[0, 0].cpu().numpy(), "display": batch["display"][i], "statistics": stats}
+            if group_maps:  # the raw maps of the three expert groups, model resolution
+                record["group_maps"] = {g: getattr(prediction, f"map_{g}")[i, 0].cpu().numpy() for g in GROUPS}
+            yield record
+
+
+def score_with_export(detector, paths: list[Path], transforms: AnomalyTransforms, class_key: str | None,
+                      batch_size: int) -> Iterator[dict]:
+    """The same records from an exported model (:class:`src.inference.Detector`)."""
+    stats = {k: NormalStatistics(**v) for k, v in detector.info["statistics"].items()}
+    masks_from = "computed" if detector.segment_size else "none"
+    for start in range(0, len(paths), batch_size):
+        images, readable = [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                images.append(open_image(path))
+                readable.append(path)
+            except (DataError, OSError, ValueError) as err:
+                yield {"path": str(path), "error": str(err)}
+        if not images:
+            continue
+        out = detector.predict(images, class_key)
+        for i, path in enumerate(readable):
+            yield {"path": str(path), "class": out.classes[i], "class_margin": out.class_margins[i],
+                   "masks_from": masks_from, "score": float(out.scores[i]), "anomalous": bool(out.anomalous[i]),
+                   "routing": out.routing_weights[i].tolist(), "map": out.maps[i], "display": transforms.display(images[i]),
+                   "statistics": stats[out.classes[i]]}
+
+
 def run(cfg: DictConfig) -> float | None:
     """Score ``predict.input``; returns the fraction of readable images called anomalous."""
     settings = cfg.predict
@@ -164,14 +209,16 @@ def run(cfg: DictConfig) -> float | None:
         raise ConfigError("mode=predict needs predict.input=<an image file or a folder of images>")
     root = Path(settings.input).expanduser()
     images, others = list_inputs(root, settings.recursive)
+    out = Path(settings.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_exported(cfg.ckpt_path):
+        return run_exported(cfg, images, others, root, out)
     checkpoint = read_checkpoint(cfg.ckpt_path)
     datamodule, module = build_module(cfg)
     load_weights(module, checkpoint, calibration=not cfg.evaluation.recalibrate)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu" else "cpu")
     module.configure_model()  # the speed options (module.compile_experts, module.channels_last)
     module.to(device).eval()
-    out = Path(settings.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     mask_root = Path(settings.component_masks).expanduser() if settings.get("component_masks") else None
     segmenter, segment_note = choose_segmenter(module, settings, device)
@@ -202,40 +249,73 @@ def run(cfg: DictConfig) -> float | None:
     transforms = getattr(datamodule, "transforms", None) or AnomalyTransforms()
     dataset = ImageFiles(images, transforms, root, mask_root, segmenter, class_key)
     loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate)
-    names = expert_names(module.net.num_experts)
-    scorer = module.evaluator.scorer
+    records = score_with_checkpoint(module, calibration, loader, bool(settings.get("save_group_maps")))
+    header = {"checkpoint": str(checkpoint.path), "checkpoint_format": checkpoint.kind,
+              "checkpoint_step": checkpoint.global_step, "input": str(root), "protocol": "inductive",
+              "class_key": settings.class_key or ("chosen per image" if segmenter is not None else class_key or POOLED),
+              "statistics_source": source, "decision_rule": calibration.rule, "notes": notes}
+    return write_predictions(records, header, expert_names(module.net.num_experts), images, others, root, out, settings)
+
+
+def is_exported(ckpt_path) -> bool:
+    """``ckpt_path`` names an exported model (``mode=export export.format=onnx``)."""
+    return bool(ckpt_path) and Path(str(ckpt_path)).suffix == ".onnx"
+
+
+def run_exported(cfg: DictConfig, images: list[Path], others: list[Path], root: Path, out: Path) -> float | None:
+    """``mode=predict`` with an exported ``model.onnx``: the same files, scored by onnxruntime."""
+    from src.inference import Detector
+
+    settings = cfg.predict
+    if settings.get("component_masks") or settings.get("save_group_maps") or cfg.evaluation.recalibrate:
+        raise ConfigError("an exported model computes its masks and holds its calibration: predict.component_masks, "
+                          "predict.save_group_maps and evaluation.recalibrate need the checkpoint (.ckpt)")
+    detector = Detector(cfg.ckpt_path)
+    info = detector.info
+    if settings.class_key is not None and settings.class_key not in info["class_keys"]:
+        raise ConfigError(f"predict.class_key={settings.class_key!r}: the exported model holds {info['class_keys']}")
+    pre = info["preprocessing"]
+    transforms = AnomalyTransforms(pre["resize"], pre["crop"])
+    records = score_with_export(detector, images, transforms, settings.class_key, settings.batch_size)
+    chosen = "chosen per image" if detector.segment_size else (info["class_keys"][0] if len(info["class_keys"]) == 1
+                                                                else POOLED)
+    header = {"checkpoint": str(cfg.ckpt_path), "checkpoint_format": "onnx", "checkpoint_step": info.get("global_step"),
+              "input": str(root), "protocol": "inductive", "class_key": settings.class_key or chosen,
+              "statistics_source": "exported model", "decision_rule": info["decision_rule"], "notes": info["notes"]}
+    return write_predictions(records, header, info["experts"], images, others, root, out, settings)
+
+
+def write_predictions(records: Iterable[dict], header: dict, names: list[str], images: list[Path], others: list[Path],
+                      root: Path, out: Path, settings) -> float | None:
+    """``predictions.json``, ``predictions.csv``, heat maps (and group maps) from the scored records;
+    returns the fraction of readable images called anomalous."""
     heat_dir, maps_dir, used = out / "heatmaps", out / "group_maps", set()
     heat_dir.mkdir(exist_ok=True)
     if settings.get("save_group_maps"):
         maps_dir.mkdir(exist_ok=True)
-    results, rows, errors = [], [], []
-    for batch, prediction in module.infer(loader):
-        errors += batch.pop("errors")
-        if prediction is None:
+    results, rows, errors, statistics = [], [], [], {}
+    for record in records:
+        if "error" in record:
+            errors.append(record)
             continue
-        for i, path in enumerate(batch["path"]):
-            key, masked = batch["class_key"][i], batch["masks_from"][i] != "none"
-            stats = calibration.get(key, masks=masked or module.net.num_experts[2] == 0)
-            scored = scorer.score(prediction.select([i]), stats)
-            score, anomalous = float(scored.scores[0]), bool(scored.anomalous[0])
-            routing = prediction.routing_weights[i].tolist()
-            entry = {"path": path, "class": key or POOLED, "score": score, "anomalous": anomalous,
-                     "component_masks": batch["masks_from"][i],
-                     "experts": {n: round(w, 6) for n, w in zip(names, routing) if w > 0}}
-            if batch["class_margin"][i] is not None:
-                entry["class_margin"] = batch["class_margin"][i]
-            name = _heatmap_name(Path(path), root, used)
-            if settings.heatmaps:
-                heat = scored.final[0, 0].cpu().numpy()
-                image = fit_image(batch["display"][i], heat.shape[-1])
-                render_panels(image, heat, 2 * stats.threshold, stats.threshold).save(heat_dir / name)
-                entry["heatmap"] = f"heatmaps/{name}"
-            if settings.get("save_group_maps"):  # the raw maps of the three expert groups, model resolution
-                maps = {g: getattr(prediction, f"map_{g}")[i, 0].cpu().numpy() for g in GROUPS}
-                np.savez_compressed(maps_dir / Path(name).with_suffix(".npz"), **maps)
-                entry["group_maps"] = f"group_maps/{Path(name).with_suffix('.npz')}"
-            results.append(entry)
-            rows.append(score_row(path, key or POOLED, score, anomalous, routing, names))
+        path, key, stats = record["path"], record["class"], record["statistics"]
+        entry = {"path": path, "class": key, "score": record["score"], "anomalous": record["anomalous"],
+                 "component_masks": record["masks_from"],
+                 "experts": {n: round(w, 6) for n, w in zip(names, record["routing"]) if w > 0}}
+        statistics[key + ("" if record["masks_from"] != "none" else " (without masks)")] = asdict(stats)
+        if record["class_margin"] is not None:
+            entry["class_margin"] = record["class_margin"]
+        name = _heatmap_name(Path(path), root, used)
+        if settings.heatmaps:
+            heat = record["map"]
+            image = fit_image(record["display"], heat.shape[-1])
+            render_panels(image, heat, 2 * stats.threshold, stats.threshold).save(heat_dir / name)
+            entry["heatmap"] = f"heatmaps/{name}"
+        if "group_maps" in record:
+            np.savez_compressed(maps_dir / Path(name).with_suffix(".npz"), **record["group_maps"])
+            entry["group_maps"] = f"group_maps/{Path(name).with_suffix('.npz')}"
+        results.append(entry)
+        rows.append(score_row(path, key, record["score"], record["anomalous"], record["routing"], names))
     for error in errors:
         log.warning("not scored: %s", error["error"])
 
@@ -246,22 +326,13 @@ def run(cfg: DictConfig) -> float | None:
         log.info("Class chosen for %d images: %s; smallest margins: %s", len(chosen),
                  dict(Counter(r["class"] for r in chosen)),
                  ", ".join(f"{Path(r['path']).name} -> {r['class']} ({r['class_margin']:.3g})" for r in uncertain))
-    used_stats = sorted({(r["class"], r["component_masks"] != "none") for r in results})
+    source = header.pop("statistics_source")
     summary = {
-        "checkpoint": str(checkpoint.path),
-        "checkpoint_format": checkpoint.kind,
-        "checkpoint_step": checkpoint.global_step,
-        "input": str(root),
-        "protocol": "inductive",
-        "class_key": settings.class_key or ("chosen per image" if segmenter is not None else class_key or POOLED),
-        "statistics": {
-            "source": source,
-            "classes": {f"{k}{'' if m else ' (without masks)'}": asdict(calibration.get(k, masks=m or module.net.num_experts[2] == 0))
-                        for k, m in used_stats},
-        },
-        "decision_rule": calibration.rule,
+        **{k: v for k, v in header.items() if k not in ("decision_rule", "notes")},
+        "statistics": {"source": source, "classes": dict(sorted(statistics.items()))},
+        "decision_rule": header["decision_rule"],
         "heatmap": "image | heat map, blue 0 to red at twice the class's threshold | predicted mask: map >= threshold",
-        "notes": notes,
+        "notes": header["notes"],
         "num_images": len(images),
         "num_scored": len(results),
         "num_anomalous": flagged,
