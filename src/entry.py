@@ -33,7 +33,7 @@ from src.run_folder import claim_run_folder
 log = logging.getLogger(__name__)
 
 CHECKPOINT_MODES = {"test": "a .ckpt of this project or an original model_final.pth",
-                    "predict": "a .ckpt of this project or an original model_final.pth",
+                    "predict": "a .ckpt of this project, an original model_final.pth or an exported model.onnx",
                     "export": "a .ckpt written by mode=train"}
 RUN_MODES = ("train", "test", "predict", "export")  # the modes that write a run's files (run.json)
 READING_MODES = ("summarize",)  # read other runs' folders: no run folder of their own, no model, no data
@@ -95,6 +95,8 @@ def use_checkpoint(cfg: DictConfig) -> None:
     ckpt_path = cfg.get("ckpt_path")
     if not ckpt_path or cfg.mode not in RUN_MODES:
         return
+    if cfg.mode == "predict" and Path(str(ckpt_path)).suffix == ".onnx":
+        return  # an exported model (mode=export export.format=onnx) describes itself: src.inference reads it
     if ckpt_path == "last":
         checkpoint = find_resume_checkpoint(cfg.paths.output_dir)
         if checkpoint is None:
@@ -108,7 +110,7 @@ def use_checkpoint(cfg: DictConfig) -> None:
                               "resumes from a .ckpt it wrote (model.backbone.weights= loads backbone weights)")
     with open_dict(cfg):
         cfg.ckpt_path = str(checkpoint.path) if checkpoint else None
-    if checkpoint is not None and cfg.mode != "export":
+    if checkpoint is not None and (cfg.mode != "export" or cfg.export.get("format", "original") != "original"):
         apply_checkpoint_config(cfg, checkpoint, command_line_overrides(cfg))
 
 

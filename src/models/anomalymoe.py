@@ -26,6 +26,7 @@ from src.models.experts import (
     GlobalExpert,
     PatchExpert,
     pool_component_features,
+    pool_component_slots,
     top_k_routing,
 )
 from src.models.outputs import ComponentRun, GlobalRun, MoEPrediction, PatchRun, TrainOutput, split_experts
@@ -175,6 +176,13 @@ class AnomalyMoE(nn.Module):
             return torch.arange(mask_column.shape[0], device=mask_column.device)
         return mask_column.nonzero(as_tuple=True)[0]
 
+    def _scatter_add(self, target: Tensor, rows: Tensor, values: Tensor) -> Tensor:
+        """``target`` with ``values`` added to its ``rows``; dense dispatch runs on every row, so a
+        plain sum (which the ONNX export translates faithfully, unlike an in-place ``index_add_``)."""
+        if self.dispatch == "dense":
+            return target + values
+        return target.index_add_(0, rows, values)
+
     def split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, E) per-expert columns -> the patch, global and component experts' columns."""
         return split_experts(x, self.num_experts)
@@ -244,6 +252,36 @@ class AnomalyMoE(nn.Module):
             return feature_map.new_zeros(0, feature_map.shape[1]), torch.zeros(0, dtype=torch.long, device=feature_map.device)
         return pool_component_features(feature_map, masks, num_masks, self.component_dilation)
 
+    def _component_map_sparse(self, taps: list[Tensor], masks: Tensor, num_masks: Tensor, w_k: Tensor,
+                              mask_k: Tensor, grid, dtype: torch.dtype) -> Tensor:
+        """(B, 1, H, W) component map with each component expert on the real masks routed to it."""
+        features, image_index = self._components(taps, masks, num_masks, grid)
+        if not features.shape[0]:
+            return masks.new_zeros(masks.shape[0], 1, *masks.shape[-2:], dtype=dtype)
+        scores = features.new_zeros(features.shape[0], dtype=dtype)  # accumulated in the input's dtype
+        for m, run in enumerate(self._component_runs(features, image_index, mask_k)):
+            if run is not None:
+                distance = 1 - F.cosine_similarity(run.reconstruction, features[run.rows], dim=1)
+                scores.index_add_(0, run.rows, (w_k[image_index[run.rows], m] * distance).to(scores.dtype))
+        per_mask = masks.new_zeros(masks.shape[:2], dtype=scores.dtype)  # (B, K), padding scores 0
+        valid = torch.arange(masks.shape[1], device=masks.device)[None] < num_masks[:, None]
+        per_mask[valid] = scores
+        return (per_mask[:, :, None, None] * masks.to(scores.dtype)).amax(dim=1, keepdim=True)
+
+    def _component_map_dense(self, taps: list[Tensor], masks: Tensor, num_masks: Tensor, w_k: Tensor, grid,
+                             dtype: torch.dtype) -> Tensor:
+        """(B, 1, H, W) component map with every component expert on every mask slot, padding
+        included and scored 0: no shape depends on the data, so the graph exports (``mode=export``)."""
+        feature_map = tokens_to_map(torch.stack(taps).mean(0), self.encoder.num_prefix_tokens, grid)
+        slots = pool_component_slots(feature_map, masks, self.component_dilation)  # (B, K, C)
+        scores = slots.new_zeros(slots.shape[:2], dtype=dtype)  # (B, K)
+        for m, expert in enumerate(self.component_experts):
+            distance = 1 - F.cosine_similarity(expert(slots), slots, dim=-1)  # (B, K)
+            scores = scores + (w_k[:, m, None] * distance).to(dtype)
+        valid = torch.arange(masks.shape[1], device=masks.device)[None] < num_masks[:, None]  # (B, K)
+        per_mask = torch.where(valid, scores, torch.zeros_like(scores))
+        return (per_mask[:, :, None, None] * masks.to(dtype)).amax(dim=1, keepdim=True)
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -297,26 +335,20 @@ class AnomalyMoE(nn.Module):
         for i, run in enumerate(self._patch_runs(taps, self.fuse_groups_eval, mask_p, grid)):
             if run is not None:
                 distance = 1 - F.cosine_similarity(en_map[run.rows], run.de_maps[-1], dim=1)  # (n, h, w)
-                map_p.index_add_(0, run.rows, (w_p[run.rows, i, None, None] * distance).to(map_p.dtype))
+                map_p = self._scatter_add(map_p, run.rows, (w_p[run.rows, i, None, None] * distance).to(map_p.dtype))
 
         map_g = image.new_zeros(b, *grid)
         for j, run in enumerate(self._global_runs(image_ae, mask_g, grid)):
             if run is not None:
                 distance = (run.autoencoder - run.student).pow(2).mean(dim=1)  # (n, h, w)
-                map_g.index_add_(0, run.rows, (w_g[run.rows, j, None, None] * distance).to(map_g.dtype))
+                map_g = self._scatter_add(map_g, run.rows, (w_g[run.rows, j, None, None] * distance).to(map_g.dtype))
 
         map_k = image.new_zeros(b, 1, height, width)
-        features, image_index = self._components(taps, masks, num_masks, grid)
-        if features.shape[0]:
-            scores = features.new_zeros(features.shape[0], dtype=image.dtype)  # accumulated in the input's dtype
-            for m, run in enumerate(self._component_runs(features, image_index, mask_k)):
-                if run is not None:
-                    distance = 1 - F.cosine_similarity(run.reconstruction, features[run.rows], dim=1)
-                    scores.index_add_(0, run.rows, (w_k[image_index[run.rows], m] * distance).to(scores.dtype))
-            per_mask = masks.new_zeros(masks.shape[:2], dtype=scores.dtype)  # (B, K), padding scores 0
-            valid = torch.arange(masks.shape[1], device=masks.device)[None] < num_masks[:, None]
-            per_mask[valid] = scores
-            map_k = (per_mask[:, :, None, None] * masks.to(scores.dtype)).amax(dim=1, keepdim=True)
+        has_masks = masks is not None and num_masks is not None and masks.shape[1] > 0 and len(self.component_experts) > 0
+        if has_masks and self.dispatch == "dense":
+            map_k = self._component_map_dense(taps, masks, num_masks, w_k, grid, image.dtype)
+        elif has_masks:
+            map_k = self._component_map_sparse(taps, masks, num_masks, w_k, mask_k, grid, image.dtype)
 
         size = (height, width)
         return MoEPrediction(

@@ -237,6 +237,25 @@ class ComponentExpert(nn.Module):
         return self.decoder(self.encoder(features))
 
 
+def legacy_nearest_index(in_size: int, out_size: int, device=None) -> Tensor:
+    """(out_size,) source pixel of each output pixel of ``F.interpolate(mode="nearest")`` when
+    downsampling: floor(i * in / out) in float32, as its CPU kernel."""
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    return (torch.arange(out_size, dtype=torch.float32) * scale).floor().long().clamp_max(in_size - 1).to(device)
+
+
+def pool_component_slots(feature_map: Tensor, masks: Tensor, dilation: int = 5) -> Tensor:
+    """(B, C, h, w) features and (B, K, H, W) masks -> (B, K, C) mean feature inside each dilated
+    mask, padding slots included (an empty mask gives a zero vector)."""
+    # Legacy nearest picks the top-left pixel of each patch, as the original does (by indexing:
+    # the ONNX export translates this resize with other source pixels).
+    rows, cols = (legacy_nearest_index(n, m, masks.device) for n, m in zip(masks.shape[-2:], feature_map.shape[-2:]))
+    small = masks[:, :, rows][:, :, :, cols].float()  # (B, K, h, w)
+    if dilation > 1:
+        small = F.max_pool2d(small, dilation, stride=1, padding=dilation // 2)
+    return torch.einsum("bkhw,bchw->bkc", small, feature_map) / (small.sum((2, 3)).unsqueeze(-1) + 1e-8)
+
+
 def pool_component_features(
     feature_map: Tensor, masks: Tensor, num_masks: Tensor, dilation: int = 5
 ) -> tuple[Tensor, Tensor]:
@@ -252,11 +271,7 @@ def pool_component_features(
     b, k = masks.shape[:2]
     if k == 0:
         return feature_map.new_zeros(0, feature_map.shape[1]), num_masks.new_zeros(0)
-    # Legacy nearest picks the top-left pixel of each patch, as the original does.
-    small = F.interpolate(masks.float(), size=feature_map.shape[-2:], mode="nearest")  # (B, K, h, w)
-    if dilation > 1:
-        small = F.max_pool2d(small, dilation, stride=1, padding=dilation // 2)
-    pooled = torch.einsum("bkhw,bchw->bkc", small, feature_map) / (small.sum((2, 3)).unsqueeze(-1) + 1e-8)
+    pooled = pool_component_slots(feature_map, masks, dilation)  # (B, K, C)
     valid = torch.arange(k, device=masks.device).unsqueeze(0) < num_masks.unsqueeze(1)  # (B, K)
     image_index = torch.arange(b, device=masks.device).unsqueeze(1).expand(b, k)
     return pooled[valid], image_index[valid]

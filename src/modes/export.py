@@ -1,21 +1,45 @@
-"""mode=export: write a checkpoint's network with the original's key names (``model_final.pth``).
+"""mode=export: a checkpoint as a file to ship (``export.format``).
 
-The file loads into the original code (``model.load_state_dict(torch.load(path))``) and back into
-this project (``mode=test ckpt_path=<file>``), so results can be compared side by side. Like the
-original's file it holds only the network: no optimiser or CLUB-estimator state.
+* ``original`` (default): the network with the original's key names (``model_final.pth``). The
+  file loads into the original code (``model.load_state_dict(torch.load(path))``) and back into
+  this project (``mode=test ckpt_path=<file>``); like the original's file it holds only the
+  network.
+* ``onnx``: ``<export.dir>/model.onnx``, one graph from the resized uint8 image to the anomaly map,
+  the score, the decision and the class (:mod:`src.deploy`), and ``model.json`` describing it. It
+  runs with onnxruntime alone (:mod:`src.inference`) and in ``mode=predict ckpt_path=<model.onnx>``.
+
+An ONNX export checks itself before it is kept: the exported model (through :mod:`src.inference`)
+and the checkpoint (through ``mode=predict``'s path and scorer) score the same images (a few
+normal training images per class, or ``export.check_input``); when a score differs by more than
+``export.tolerance`` times the scale of the scores (the largest threshold or score), a class or a
+decision differs (beyond a score within the tolerance of its threshold), the files are renamed
+``model.rejected.onnx``/``.json`` and the run fails naming the worst image.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
+import platform
+import resource
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader
 
 from src.models.checkpoint import CheckpointError, ours_to_original, read_state_file
 
 log = logging.getLogger(__name__)
+
+FORMATS = ("original", "onnx")
+
+
+class ExportCheckError(CheckpointError):
+    """The exported model does not score like the checkpoint."""
 
 
 def export_original(ckpt_path: str | Path, out_path: str | Path) -> Path:
@@ -33,7 +57,204 @@ def export_original(ckpt_path: str | Path, out_path: str | Path) -> Path:
     return out_path
 
 
+# --------------------------------------------------------------------------- onnx
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    from src.build import REPOSITORY, git_commit
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(), "project": git_commit(REPOSITORY)}
+
+
+def build_detector(module):
+    """The deployable graph of a loaded module and the note on its component masks."""
+    from src.deploy import DeployableDetector
+    from src.evaluation.calibration import POOLED
+    from src.modes.predict import choose_segmenter
+
+    if module.calibration is None:
+        raise CheckpointError("the checkpoint holds no calibration (thresholds): export a last.ckpt written by "
+                              "mode=train, or run mode=test on it first")
+    segmenter, note = choose_segmenter(module, {}, torch.device("cpu"))
+    segmentation = module.segmentation if segmenter is not None else None
+    keys = list(segmentation.classes) if segmentation else [k for k in module.calibration.stats if k != POOLED]
+    net = copy.deepcopy(module.net)
+    net.dispatch = "dense"  # every expert runs; the gate's weights zero the others (no data-dependent shapes)
+    return DeployableDetector(net, module.evaluator.scorer, module.calibration, keys, segmentation).eval(), note
+
+
+def example_inputs(detector, size: int, batch: int = 2) -> tuple:
+    """Inputs of the graph's shapes (the class chosen, random images): what the exporter traces."""
+    inputs = [torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8), torch.full((batch,), -1)]
+    if detector.segmentation is not None:
+        s = int(detector.segmentation.params["image_size"])
+        inputs += [torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8),
+                   torch.arange(size).expand(batch, size) * s // size, torch.arange(size).expand(batch, size) * s // size]
+    return tuple(inputs)
+
+
+def write_onnx(detector, path: Path, size: int) -> None:
+    from src.deploy import OUTPUTS
+    from src.evaluation.protocol import gaussian_kernel
+
+    names = ["image", "given_class", "segment_image", "mask_rows", "mask_cols"]
+    inputs = example_inputs(detector, size)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per deduplicated constant otherwise
+    with torch.no_grad():
+        torch.onnx.export(detector, inputs, str(path), dynamo=True, input_names=names[: len(inputs)],
+                          output_names=list(OUTPUTS), dynamic_shapes=tuple({0: batch} for _ in inputs),
+                          external_data=False, verbose=False,
+                          optimize=False)  # onnxscript's optimiser drops additions of tiny constants (the 1e-11 of the scorer)
+    gaussian_kernel.cache_clear()  # it may hold a tensor made while tracing, unusable in eager code
+
+
+def check_images(cfg: DictConfig, datamodule) -> list[Path]:
+    """``export.check_input`` (a file or folder), else the first normal training images of each class."""
+    from src.modes.predict import list_inputs
+
+    if cfg.export.get("check_input"):
+        return list_inputs(Path(cfg.export.check_input).expanduser(), recursive=True)[0]
+    loader = datamodule.normal_dataloader(cfg.export.check_images)
+    return [s.image_path for s in loader.dataset.samples]
+
+
+def parity(checked: list[dict], exported: list[dict], thresholds: list[float], tolerance: float) -> dict:
+    """Largest differences between the checkpoint's and the export's records of the same images."""
+    scale = max([abs(t) for t in thresholds] + [abs(r["score"]) for r in checked] + [1e-12])
+    diffs = [abs(a["score"] - b["score"]) for a, b in zip(checked, exported)]
+    maps = [float(np.abs(a["map"] - b["map"]).max()) for a, b in zip(checked, exported)]
+    worst = int(np.argmax(diffs))
+    allowed = tolerance * scale
+    problems = [f"{a['path']}: class {a['class']} (checkpoint) vs {b['class']} (export)"
+                for a, b in zip(checked, exported) if a["class"] != b["class"]]
+    problems += [f"{a['path']}: score {a['score']:.6g} (checkpoint) vs {b['score']:.6g} (export), difference "
+                 f"{d:.3g} > {allowed:.3g}" for a, b, d in zip(checked, exported, diffs) if not d <= allowed]  # NaN fails
+    problems += [f"{a['path']}: decision {a['anomalous']} (checkpoint) vs {b['anomalous']} (export), score "
+                 f"{a['score']:.6g} not within {allowed:.3g} of the threshold {a['statistics'].threshold:.6g}"
+                 for a, b in zip(checked, exported)
+                 if a["anomalous"] != b["anomalous"] and abs(a["score"] - a["statistics"].threshold) > allowed]
+    return {"images": len(checked), "score_scale": scale, "tolerance": allowed,
+            "tolerance_rule": f"{tolerance:g} x score scale (the largest |threshold| or |score| of the check)",
+            "max_score_difference": max(diffs), "mean_score_difference": float(np.mean(diffs)),
+            "max_relative_difference": max(diffs) / scale, "worst_image": checked[worst]["path"],
+            "max_map_difference": max(maps),
+            "decisions_equal": sum(a["anomalous"] == b["anomalous"] for a, b in zip(checked, exported)),
+            "classes_equal": sum(a["class"] == b["class"] for a, b in zip(checked, exported)),
+            "passed": not problems, "problems": problems[:20]}
+
+
+def export_onnx(cfg: DictConfig) -> Path:
+    """Export, check against the checkpoint, describe; returns the path of ``model.onnx``."""
+    from dataclasses import asdict
+
+    from data_modules.base import AnomalyTransforms
+    from src.build import build_module
+    from src.checkpoints import load_weights, read_checkpoint
+    from src.evaluation.report import expert_names
+    from src.inference import Detector
+    from src.modes.predict import ImageFiles, collate, score_with_checkpoint, score_with_export
+
+    checkpoint = read_checkpoint(cfg.ckpt_path)
+    if checkpoint.kind != "lightning":
+        raise CheckpointError(f"ckpt_path={cfg.ckpt_path}: export.format=onnx reads a .ckpt written by mode=train "
+                              "(it needs the calibration and preprocessing stored in it)")
+    datamodule, module = build_module(cfg)
+    load_weights(module, checkpoint)
+    module.eval()
+    detector, note = build_detector(module)
+    transforms = getattr(datamodule, "transforms", None) or AnomalyTransforms()
+    out_dir = Path(cfg.export.dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "model.onnx"
+
+    started = time.perf_counter()
+    write_onnx(detector, path, transforms.output_size)
+    seconds = time.perf_counter() - started
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    calibration = module.calibration
+    masked = detector.segmentation is not None or module.net.num_experts[2] == 0
+    keys = detector.class_keys
+    from src.evaluation.calibration import POOLED
+
+    stats = {k: calibration.get(k, masks=masked) for k in [*keys, POOLED]}
+    info = {
+        "format": "anomalymoe-onnx",
+        "checkpoint": str(checkpoint.path), "global_step": checkpoint.global_step,
+        "class_keys": keys,
+        "experts": expert_names(module.net.num_experts),
+        "preprocessing": {"resize": transforms.resize, "crop": transforms.crop,
+                          "segment_size": int(detector.segmentation.params["image_size"]) if detector.segmentation else None,
+                          "input": "image: (B, 3, S, S) uint8 RGB, PIL bilinear resize to (resize, resize), centre crop "
+                                   "to S = crop; the normalisation is in the graph"},
+        "inputs": [i.name for i in _session_inputs(path)],
+        "outputs": ["anomaly_map (B, 1, E, E)", "score (B,)", "anomalous (B,)", "class_index (B,)",
+                    "class_distance (B, N)", "threshold (B,)", "routing_weights (B, experts)"],
+        "component_masks": "computed in the graph from the part prototypes" if detector.segmentation is not None
+        else "none: scored against statistics of images without masks" if module.net.num_experts[2] else "no component experts",
+        "thresholds": {k: stats[k].threshold for k in stats},
+        "statistics": {k: asdict(v) for k, v in stats.items()},
+        "decision_rule": calibration.rule,
+        "notes": list(calibration.notes) + ([note] if note else []),
+        "scorer": asdict(module.evaluator.scorer),
+        "export": {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb), "file_mb": round(path.stat().st_size / 2**20, 2),
+                   "dispatch": "dense: every expert runs, the gate's weights zero the unselected ones"},
+        "versions": _versions(),
+    }
+
+    images = check_images(cfg, datamodule)
+    loader = DataLoader(ImageFiles(images, transforms, Path("/"), None, *_segmenter_and_class(module, detector)),
+                        batch_size=cfg.export.batch_size, collate_fn=collate)
+    checked = [r for r in score_with_checkpoint(module, calibration, loader) if "error" not in r]
+    exported = {r["path"]: r for r in score_with_export(Detector(path, info=info), images, transforms, None,
+                                                          cfg.export.batch_size) if "error" not in r}
+    exported = [exported[r["path"]] for r in checked]
+    if not checked:
+        raise ExportCheckError(f"no readable image to check the export with ({len(images)} given)")
+    figures = parity(checked, exported, [stats[k].threshold for k in keys], cfg.export.tolerance)
+    info["parity"] = figures
+    log.info("Export check on %d images: largest score difference %.3g (%.2g of the score scale %.3g; tolerance "
+             "%.3g), largest map difference %.3g, %d/%d decisions and %d/%d classes equal", figures["images"],
+             figures["max_score_difference"], figures["max_relative_difference"], figures["score_scale"],
+             figures["tolerance"], figures["max_map_difference"], figures["decisions_equal"], figures["images"],
+             figures["classes_equal"], figures["images"])
+    if not figures["passed"]:
+        rejected = path.with_name("model.rejected.onnx")
+        path.replace(rejected)
+        rejected.with_suffix(".json").write_text(json.dumps(info, indent=2))
+        raise ExportCheckError(f"the exported model does not score like {checkpoint.path} (renamed to {rejected}, "
+                               f"figures in {rejected.with_suffix('.json')}):\n  " + "\n  ".join(figures["problems"]))
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2))
+    return path
+
+
+def _session_inputs(path: Path):
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()
+
+
+def _segmenter_and_class(module, detector) -> tuple:
+    """``mode=predict``'s segmenter and class key for the check, as the graph has them."""
+    from src.modes.predict import choose_segmenter
+
+    segmenter = choose_segmenter(module, {}, torch.device("cpu"))[0] if detector.segmentation is not None else None
+    class_key = detector.class_keys[0] if segmenter is None and len(detector.class_keys) == 1 else None
+    return segmenter, class_key
+
+
 def run(cfg: DictConfig) -> None:
-    """Export ``ckpt_path`` to ``export.path`` (default ``<run folder>/model_final.pth``)."""
-    out = export_original(cfg.ckpt_path, cfg.export.path)
-    log.info("Wrote %s (original key names) from %s", out, cfg.ckpt_path)
+    """Export ``ckpt_path`` in ``export.format``."""
+    fmt = cfg.export.get("format", "original")
+    if fmt not in FORMATS:
+        from src.errors import ConfigError
+
+        raise ConfigError(f"export.format={fmt!r}; choose one of {FORMATS}")
+    if fmt == "original":
+        out = export_original(cfg.ckpt_path, cfg.export.path)
+        log.info("Wrote %s (original key names) from %s", out, cfg.ckpt_path)
+        return
+    out = export_onnx(cfg)
+    log.info("Wrote %s and %s from %s", out, out.with_suffix(".json"), cfg.ckpt_path)

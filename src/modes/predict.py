@@ -27,14 +27,16 @@ Writes to ``predict.output_dir``: ``predictions.json`` (every image's score, dec
 how it was chosen, the images that could not be read and why, the files that are not images),
 ``predictions.csv`` (the columns of a test run's ``scores.csv``) and one heat-map PNG per image in
 ``heatmaps/`` (image | heat map | predicted mask), through
-:class:`src.prediction_writer.PredictionWriter`: results are recorded as each batch is scored,
-and a stopped prediction continues when run again.
+:class:`src.prediction_writer.PredictionWriter`: results are recorded as each image is scored,
+and a stopped prediction continues when run again. Component masks of the inputs, if any, are
+read from ``predict.component_masks`` (same relative layout as the input, ``.npz``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -48,7 +50,7 @@ from data_modules.components import read_component_masks
 from src.build import build_module
 from src.checkpoints import load_weights, read_checkpoint
 from src.errors import ConfigError
-from src.evaluation.calibration import GROUPS, POOLED
+from src.evaluation.calibration import GROUPS, POOLED, NormalStatistics
 from src.evaluation.report import expert_names, score_row, write_score_rows
 from src.evaluation.visualize import fit_image, render_panels
 from src.prediction_writer import PredictionWriter, relative_path
@@ -145,6 +147,50 @@ def choose_segmenter(module, settings, device) -> tuple[OnlineSegmenter | None, 
     return segmenter, None
 
 
+def score_with_checkpoint(module, calibration, loader: DataLoader, group_maps: bool = False) -> Iterator[dict]:
+    """Each image of ``loader`` (:class:`ImageFiles`) scored by the model with its class's statistics:
+    one record per image (see :func:`write_predictions`), ``{"path", "error"}`` for an unreadable one."""
+    scorer = module.evaluator.scorer
+    for batch, prediction in module.infer(loader):
+        yield from batch.pop("errors")
+        if prediction is None:
+            continue
+        for i, path in enumerate(batch["path"]):
+            key, masked = batch["class_key"][i], batch["masks_from"][i] != "none"
+            stats = calibration.get(key, masks=masked or module.net.num_experts[2] == 0)
+            scored = scorer.score(prediction.select([i]), stats)
+            record = {"path": path, "class": key or POOLED, "class_margin": batch["class_margin"][i],
+                      "masks_from": batch["masks_from"][i], "score": float(scored.scores[0]),
+                      "anomalous": bool(scored.anomalous[0]), "routing": prediction.routing_weights[i].tolist(),
+                      "map": scored.final[0, 0].cpu().numpy(), "display": batch["display"][i], "statistics": stats}
+            if group_maps:  # the raw maps of the three expert groups, model resolution
+                record["group_maps"] = {g: getattr(prediction, f"map_{g}")[i, 0].cpu().numpy() for g in GROUPS}
+            yield record
+
+
+def score_with_export(detector, paths: list[Path], transforms: AnomalyTransforms, class_key: str | None,
+                      batch_size: int) -> Iterator[dict]:
+    """The same records from an exported model (:class:`src.inference.Detector`)."""
+    stats = {k: NormalStatistics(**v) for k, v in detector.info["statistics"].items()}
+    masks_from = "computed" if detector.segment_size else "none"
+    for start in range(0, len(paths), batch_size):
+        images, readable = [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                images.append(open_image(path))
+                readable.append(path)
+            except (DataError, OSError, ValueError) as err:
+                yield {"path": str(path), "error": str(err)}
+        if not images:
+            continue
+        out = detector.predict(images, class_key)
+        for i, path in enumerate(readable):
+            yield {"path": str(path), "class": out.classes[i], "class_margin": out.class_margins[i],
+                   "masks_from": masks_from, "score": float(out.scores[i]), "anomalous": bool(out.anomalous[i]),
+                   "routing": out.routing_weights[i].tolist(), "map": out.maps[i], "display": transforms.display(images[i]),
+                   "statistics": stats[out.classes[i]]}
+
+
 def run(cfg: DictConfig) -> float | None:
     """Score ``predict.input``; returns the fraction of readable images called anomalous."""
     settings = cfg.predict
@@ -152,14 +198,16 @@ def run(cfg: DictConfig) -> float | None:
         raise ConfigError("mode=predict needs predict.input=<an image file or a folder of images>")
     root = Path(settings.input).expanduser()
     images, others = list_inputs(root, settings.recursive)
+    out = Path(settings.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_exported(cfg.ckpt_path):
+        return run_exported(cfg, images, others, root, out)
     checkpoint = read_checkpoint(cfg.ckpt_path)
     datamodule, module = build_module(cfg)
     load_weights(module, checkpoint, calibration=not cfg.evaluation.recalibrate)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu" else "cpu")
     module.configure_model()  # the speed options (module.compile_experts, module.channels_last)
     module.to(device).eval()
-    out = Path(settings.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     mask_root = Path(settings.component_masks).expanduser() if settings.get("component_masks") else None
     segmenter, segment_note = choose_segmenter(module, settings, device)
@@ -191,46 +239,92 @@ def run(cfg: DictConfig) -> float | None:
                  module.segmentation.route, len(module.segmentation.classes),
                  "" if class_key else "; each image's class chosen by its nearest part prototypes")
 
-    # After every check: an unfinished prediction in the folder is one that could run.
-    writer = PredictionWriter(out, root, {"checkpoint": str(checkpoint.path), "input": str(root),
-                                          "class_key": settings.class_key})
+    writer = open_writer(out, root, checkpoint.path, settings)  # after every check: an unfinished folder could run
     transforms = getattr(datamodule, "transforms", None) or AnomalyTransforms()
     dataset = ImageFiles(writer.todo(images), transforms, root, mask_root, segmenter, class_key)
     loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate)
-    names = expert_names(module.net.num_experts)
-    scorer = module.evaluator.scorer
+    records = score_with_checkpoint(module, calibration, loader, bool(settings.get("save_group_maps")))
+    with_masks = module.net.num_experts[2] == 0
+    header = {"checkpoint": str(checkpoint.path), "checkpoint_format": checkpoint.kind,
+              "checkpoint_step": checkpoint.global_step, "input": str(root), "protocol": "inductive",
+              "class_key": settings.class_key or ("chosen per image" if segmenter is not None else class_key or POOLED),
+              "statistics_source": source, "decision_rule": calibration.rule, "notes": notes}
+    return write_predictions(records, header, expert_names(module.net.num_experts), images, others, out, settings,
+                             writer, lambda key, masked: calibration.get(key, masks=masked or with_masks))
+
+
+def is_exported(ckpt_path) -> bool:
+    """``ckpt_path`` names an exported model (``mode=export export.format=onnx``)."""
+    return bool(ckpt_path) and Path(str(ckpt_path)).suffix == ".onnx"
+
+
+def run_exported(cfg: DictConfig, images: list[Path], others: list[Path], root: Path, out: Path) -> float | None:
+    """``mode=predict`` with an exported ``model.onnx``: the same files, scored by onnxruntime."""
+    from src.inference import Detector
+
+    settings = cfg.predict
+    if settings.get("component_masks") or settings.get("save_group_maps") or cfg.evaluation.recalibrate:
+        raise ConfigError("an exported model computes its masks and holds its calibration: predict.component_masks, "
+                          "predict.save_group_maps and evaluation.recalibrate need the checkpoint (.ckpt)")
+    detector = Detector(cfg.ckpt_path)
+    info = detector.info
+    if settings.class_key is not None and settings.class_key not in info["class_keys"]:
+        raise ConfigError(f"predict.class_key={settings.class_key!r}: the exported model holds {info['class_keys']}")
+    pre = info["preprocessing"]
+    transforms = AnomalyTransforms(pre["resize"], pre["crop"])
+    writer = open_writer(out, root, Path(cfg.ckpt_path), settings)
+    records = score_with_export(detector, writer.todo(images), transforms, settings.class_key, settings.batch_size)
+    stats = {k: NormalStatistics(**v) for k, v in info["statistics"].items()}
+    chosen = "chosen per image" if detector.segment_size else (info["class_keys"][0] if len(info["class_keys"]) == 1
+                                                                else POOLED)
+    header = {"checkpoint": str(cfg.ckpt_path), "checkpoint_format": "onnx", "checkpoint_step": info.get("global_step"),
+              "input": str(root), "protocol": "inductive", "class_key": settings.class_key or chosen,
+              "statistics_source": "exported model", "decision_rule": info["decision_rule"], "notes": info["notes"]}
+    return write_predictions(records, header, info["experts"], images, others, out, settings, writer,
+                             lambda key, masked: stats[key])
+
+
+def open_writer(out: Path, root: Path, checkpoint: Path, settings) -> PredictionWriter:
+    """The prediction folder's writer (a stopped prediction of the same settings continues)."""
+    return PredictionWriter(out, root, {"checkpoint": str(checkpoint), "input": str(root),
+                                        "class_key": settings.class_key})
+
+
+def write_predictions(records: Iterable[dict], header: dict, names: list[str], images: list[Path], others: list[Path],
+                      out: Path, settings, writer: PredictionWriter,
+                      statistics_of: Callable[[str, bool], NormalStatistics]) -> float | None:
+    """``predictions.json``, ``predictions.csv``, heat maps (and group maps) from the scored records,
+    each recorded by ``writer`` as it comes; ``statistics_of(class, with masks)`` gives the
+    statistics an image was scored with. Returns the fraction of readable images called anomalous."""
     maps_dir = out / "group_maps"
     if settings.get("save_group_maps"):
         maps_dir.mkdir(exist_ok=True)
-    for batch, prediction in module.infer(loader):
-        writer.add(batch.pop("errors"))
-        if prediction is None:
+    for record in records:
+        if "error" in record:
+            writer.add([record])
             continue
-        entries = []
-        for i, path in enumerate(batch["path"]):
-            key, masked = batch["class_key"][i], batch["masks_from"][i] != "none"
-            stats = calibration.get(key, masks=masked or module.net.num_experts[2] == 0)
-            scored = scorer.score(prediction.select([i]), stats)
-            score, anomalous = float(scored.scores[0]), bool(scored.anomalous[0])
-            entry = {"path": path, "class": key or POOLED, "score": score, "anomalous": anomalous,
-                     "component_masks": batch["masks_from"][i],
-                     "experts": {n: round(w, 6) for n, w in zip(names, prediction.routing_weights[i].tolist()) if w > 0}}
-            if batch["class_margin"][i] is not None:
-                entry["class_margin"] = batch["class_margin"][i]
-            if settings.heatmaps:
-                heat = scored.final[0, 0].cpu().numpy()
-                image = fit_image(batch["display"][i], heat.shape[-1])
-                entry["heatmap"] = writer.heatmap(render_panels(image, heat, 2 * stats.threshold, stats.threshold), path)
-            if settings.get("save_group_maps"):  # the raw maps of the three expert groups, model resolution
-                name = "__".join(relative_path(Path(path), root).with_suffix("").parts) + ".npz"
-                np.savez_compressed(maps_dir / name, **{g: getattr(prediction, f"map_{g}")[i, 0].cpu().numpy()
-                                                        for g in GROUPS})
-                entry["group_maps"] = f"group_maps/{name}"
-            entries.append(entry)
-        writer.add(entries)
-    results, errors = writer.results(images)
+        path, key, stats = record["path"], record["class"], record["statistics"]
+        entry = {"path": path, "class": key, "score": record["score"], "anomalous": record["anomalous"],
+                 "component_masks": record["masks_from"],
+                 "experts": {n: round(w, 6) for n, w in zip(names, record["routing"]) if w > 0}}
+        if record["class_margin"] is not None:
+            entry["class_margin"] = record["class_margin"]
+        if settings.heatmaps:
+            heat = record["map"]
+            image = fit_image(record["display"], heat.shape[-1])
+            entry["heatmap"] = writer.heatmap(render_panels(image, heat, 2 * stats.threshold, stats.threshold), path)
+        if "group_maps" in record:
+            name = "__".join(relative_path(Path(path), writer.root).with_suffix("").parts) + ".npz"
+            np.savez_compressed(maps_dir / name, **record["group_maps"])
+            entry["group_maps"] = f"group_maps/{name}"
+        writer.add([entry])
+    results, errors = writer.results(images)  # with those of an earlier, stopped run
     for error in errors:
         log.warning("not scored: %s", error["error"])
+    rows = [score_row(r["path"], r["class"], r["score"], r["anomalous"], [r["experts"].get(n, 0.0) for n in names],
+                      names) for r in results]
+    statistics = {f"{r['class']}{'' if r['component_masks'] != 'none' else ' (without masks)'}":
+                  asdict(statistics_of(r["class"], r["component_masks"] != "none")) for r in results}
 
     flagged = sum(r["anomalous"] for r in results)
     chosen = [r for r in results if "class_margin" in r]
@@ -239,22 +333,13 @@ def run(cfg: DictConfig) -> float | None:
         log.info("Class chosen for %d images: %s; smallest margins: %s", len(chosen),
                  dict(Counter(r["class"] for r in chosen)),
                  ", ".join(f"{Path(r['path']).name} -> {r['class']} ({r['class_margin']:.3g})" for r in uncertain))
-    used_stats = sorted({(r["class"], r["component_masks"] != "none") for r in results})
+    source = header.pop("statistics_source")
     summary = {
-        "checkpoint": str(checkpoint.path),
-        "checkpoint_format": checkpoint.kind,
-        "checkpoint_step": checkpoint.global_step,
-        "input": str(root),
-        "protocol": "inductive",
-        "class_key": settings.class_key or ("chosen per image" if segmenter is not None else class_key or POOLED),
-        "statistics": {
-            "source": source,
-            "classes": {f"{k}{'' if m else ' (without masks)'}": asdict(calibration.get(k, masks=m or module.net.num_experts[2] == 0))
-                        for k, m in used_stats},
-        },
-        "decision_rule": calibration.rule,
+        **{k: v for k, v in header.items() if k not in ("decision_rule", "notes")},
+        "statistics": {"source": source, "classes": dict(sorted(statistics.items()))},
+        "decision_rule": header["decision_rule"],
         "heatmap": "image | heat map, blue 0 to red at twice the class's threshold | predicted mask: map >= threshold",
-        "notes": notes,
+        "notes": header["notes"],
         "num_images": len(images),
         "num_scored": len(results),
         "num_anomalous": flagged,
@@ -263,8 +348,6 @@ def run(cfg: DictConfig) -> float | None:
         "errors": errors,
         "skipped": [{"path": str(p), "reason": "not an image file extension"} for p in others],
     }
-    rows = [score_row(r["path"], r["class"], r["score"], r["anomalous"], [r["experts"].get(n, 0.0) for n in names], names)
-            for r in results]
     write_score_rows(rows, out / "predictions.csv", names)
     writer.finish(summary)
     log.info("Scored %d of %d images (%d anomalous, %d unreadable, %d other files skipped); wrote %s and %s",

@@ -47,22 +47,27 @@ class BackboneFeatures:
         self.backbone = backbone.to(device).eval()
         self.blocks = sorted(int(b) for b in blocks)
         self.device = device
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
-        self.std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
         self._fingerprint = state_fingerprint(backbone)
 
     @torch.no_grad()
     def __call__(self, image: Tensor) -> Tensor:
-        patch = self.backbone.patch_size
-        h, w = (max(patch, round(s / patch) * patch) for s in image.shape[-2:])
-        x = F.interpolate(image[None].to(self.device), size=(h, w), mode="bilinear", align_corners=False)
-        out = self.backbone((x - self.mean) / self.std, taps=self.blocks, cls_batch=0)
-        tokens = torch.stack(out.taps).mean(0)[0, self.backbone.num_prefix_tokens :]  # (h*w, C)
-        gh, gw = out.grid
-        return tokens.T.reshape(-1, gh, gw).float().cpu()  # (C, gh, gw)
+        return backbone_grid(self.backbone, self.blocks, image[None].to(self.device))[0].float().cpu()  # (C, gh, gw)
 
     def describe(self) -> dict:
         return {"kind": "backbone", "name": self.backbone.name, "blocks": self.blocks, "weights_sha1": self._fingerprint}
+
+
+def backbone_grid(backbone: DinoV2Backbone, blocks: list[int], images: Tensor) -> Tensor:
+    """(B, 3, H, W) images in [0, 1] -> (B, C, gh, gw): the mean of the ``blocks``' patch tokens,
+    the image resized (bilinear) to the nearest multiple of the patch size."""
+    patch = backbone.patch_size
+    h, w = (max(patch, round(s / patch) * patch) for s in images.shape[-2:])
+    x = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=x.device)[:, None, None]
+    out = backbone((x - mean) / std, taps=blocks, cls_batch=0)
+    tokens = torch.stack(out.taps).mean(0)[:, backbone.num_prefix_tokens :]  # (B, h*w, C)
+    return tokens.transpose(1, 2).reshape(images.shape[0], -1, *out.grid)
 
 
 def rgb_to_lab(rgb: Tensor) -> Tensor:

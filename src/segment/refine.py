@@ -45,28 +45,47 @@ def box_count(size: tuple[int, int], radius: int, like: Tensor) -> Tensor:
     return _window_sums(_window_sums(ones, radius, -1), radius, -2)
 
 
-class GuidedFilter:
-    """Colour guided filter with a fixed (3, H, W) guide; the per-pixel 3x3 inverses are
-    computed once and reused for every input filtered with the same guide."""
+def inverse_3x3(m: Tensor) -> Tensor:
+    """(..., 3, 3) inverses by cofactors (adjugate / determinant): plain arithmetic, so it exports
+    to ONNX (which has no matrix inverse); for the well-conditioned guided-filter matrices it
+    agrees with ``torch.linalg.inv`` to float rounding (``tests/test_export.py``)."""
+    a, b, c = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
+    d, e, f = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
+    g, h, i = m[..., 2, 0], m[..., 2, 1], m[..., 2, 2]
+    cof = torch.stack([
+        torch.stack([e * i - f * h, c * h - b * i, b * f - c * e], -1),
+        torch.stack([f * g - d * i, a * i - c * g, c * d - a * f], -1),
+        torch.stack([d * h - e * g, b * g - a * h, a * e - b * d], -1),
+    ], -2)  # fmt: skip
+    det = a * cof[..., 0, 0] + b * cof[..., 1, 0] + c * cof[..., 2, 0]
+    return cof / det[..., None, None]
 
-    def __init__(self, guide: Tensor, radius: int, eps: float) -> None:
+
+class GuidedFilter:
+    """Colour guided filter with a fixed (..., 3, H, W) guide (one image or a batch); the
+    per-pixel 3x3 inverses are computed once (by ``inverse``) and reused for every input
+    filtered with the same guide."""
+
+    def __init__(self, guide: Tensor, radius: int, eps: float, inverse=torch.linalg.inv) -> None:
         self.guide, self.radius = guide, radius
         self.count = box_count(guide.shape[-2:], radius, guide)
-        self.mean_i = self._box(guide)  # (3, H, W)
-        var_i = self._box(guide[:, None] * guide[None]) - self.mean_i[:, None] * self.mean_i[None]
-        var_i = var_i + eps * torch.eye(3, dtype=guide.dtype, device=guide.device)[:, :, None, None]
-        self.inv_var = torch.linalg.inv(var_i.permute(2, 3, 0, 1)).permute(2, 3, 0, 1)  # (3, 3, H, W)
+        self.mean_i = self._box(guide)  # (..., 3, H, W)
+        var_i = self._box(guide.unsqueeze(-3) * guide.unsqueeze(-4)) - self.mean_i.unsqueeze(-3) * self.mean_i.unsqueeze(-4)
+        var_i = var_i + eps * torch.eye(3, dtype=guide.dtype, device=guide.device)[:, :, None, None]  # (..., 3, 3, H, W)
+        self.inv_var = inverse(var_i.movedim((-4, -3), (-2, -1))).movedim((-2, -1), (-4, -3))  # (..., 3, 3, H, W)
 
     def _box(self, x: Tensor) -> Tensor:
         return box_filter(x, self.radius, self.count)
 
     def __call__(self, src: Tensor) -> Tensor:
-        """(K, H, W) -> (K, H, W)."""
-        mean_p = self._box(src)  # (K, H, W)
-        cov_ip = self._box(self.guide[:, None] * src[None]) - self.mean_i[:, None] * mean_p[None]  # (3, K, H, W)
-        a = torch.einsum("ijhw,jkhw->ikhw", self.inv_var, cov_ip)  # (3, K, H, W)
-        b = mean_p - (a * self.mean_i[:, None]).sum(0)  # (K, H, W)
-        return (self._box(a) * self.guide[:, None]).sum(0) + self._box(b)
+        """(..., K, H, W) -> (..., K, H, W)."""
+        guide = self.guide.unsqueeze(-3)  # (..., 3, 1, H, W)
+        mean_i = self.mean_i.unsqueeze(-3)
+        mean_p = self._box(src)  # (..., K, H, W)
+        cov_ip = self._box(guide * src.unsqueeze(-4)) - mean_i * mean_p.unsqueeze(-4)  # (..., 3, K, H, W)
+        a = torch.einsum("...ijhw,...jkhw->...ikhw", self.inv_var, cov_ip)  # (..., 3, K, H, W)
+        b = mean_p - (a * mean_i).sum(-4)  # (..., K, H, W)
+        return (self._box(a) * guide).sum(-4) + self._box(b)
 
 
 @dataclass(frozen=True)
@@ -79,18 +98,19 @@ class RefineSettings:
     guided_weight: float = 3.0
 
 
-def refine(logits: Tensor, image: Tensor, settings: RefineSettings) -> Tensor:
-    """Mean-field refinement: (K, H, W) unary scores and the (3, H, W) image in [0, 1] ->
-    (K, H, W) label probabilities."""
-    unary = torch.log_softmax(logits.float(), 0)
+def refine(logits: Tensor, image: Tensor, settings: RefineSettings, inverse=torch.linalg.inv) -> Tensor:
+    """Mean-field refinement: (..., K, H, W) unary scores and the (..., 3, H, W) image in [0, 1]
+    (one image or a batch) -> (..., K, H, W) label probabilities. ``inverse``: the guided
+    filter's 3x3 inverse (:func:`inverse_3x3` in an exported graph)."""
+    unary = torch.log_softmax(logits.float(), -3)
     q = unary.exp()
     side = max(image.shape[-2:])
     sigma = max(settings.spatial_sigma * side, 0.5)
     kernel = 2 * int(3 * sigma) + 1
     radius = max(1, round(settings.guided_radius * side))
-    guided = GuidedFilter(image.float(), radius, settings.guided_eps) if settings.iterations else None
+    guided = GuidedFilter(image.float(), radius, settings.guided_eps, inverse) if settings.iterations else None
     for _ in range(settings.iterations):
-        message = settings.spatial_weight * TF.gaussian_blur(q[None], [kernel, kernel], [sigma, sigma])[0]
+        message = settings.spatial_weight * TF.gaussian_blur(q, [kernel, kernel], [sigma, sigma])
         message = message + settings.guided_weight * guided(q)
-        q = torch.softmax(unary + message, 0)
+        q = torch.softmax(unary + message, -3)
     return q
