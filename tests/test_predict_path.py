@@ -136,3 +136,30 @@ def test_a_class_key_without_part_prototypes_is_refused(trained, tmp_path):
     image = sorted((trained["root"] / "widget" / "test" / "good").glob("*.png"))[0]
     with pytest.raises(ConfigError, match=r"predict.class_key='all'.*demo/fabric"):
         predict(trained, image, tmp_path / "out", "predict.class_key=all")
+
+
+@pytest.mark.slow
+def test_segment_on_first_use_brings_a_stale_cache_up_to_date(trained, tmp_path):
+    """A cache that lost a file (or whose images changed) is brought up to date before training,
+    not reported as missing masks; folders of masks from elsewhere are never written to."""
+    cached = sorted((trained["masks"] / "widget" / "train" / "good").glob("*.npz"))[0]
+    cached.unlink()
+    true_masks = trained["root"] / "components_true"
+    before = sorted(p.name for p in true_masks.rglob("*"))
+    cfg = compose_cfg([*overrides(trained["root"], trained["masks"]), "experiment=demo", "trainer.max_steps=1",
+                       "seed=0", "test_after_training=false", f"paths.output_dir={tmp_path / 'again'}", "logger=none"])
+    run_task(cfg)
+    assert read_component_masks(cached).shape[0] == 3  # recomputed: the widget keeps 3 part slots
+    assert sorted(p.name for p in true_masks.rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_training_on_the_true_masks_segments_nothing(small_demo_root, tmp_path):
+    """With dataset.component_masks at the demo's true masks, training reads those: nothing is
+    segmented into the folder mode=segment would write (the data folder)."""
+    data = tmp_path / "data"
+    cfg = compose_cfg([*small_demo_overrides(small_demo_root), "trainer.max_steps=1", "test_after_training=false",
+                       f"paths.data_dir={data}", f"paths.output_dir={tmp_path / 'run'}", "logger=none"])
+    assert cfg.segment.on_first_use
+    run_task(cfg)
+    assert not (data / "components").exists()

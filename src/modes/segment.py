@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.segment.parts import BackgroundRule
 from src.segment.refine import RefineSettings
+from src.segment.cache import MANIFEST
 from src.segment.runner import SegmentReport, part_iou, segment_dataset
 
 log = logging.getLogger(__name__)
@@ -95,18 +96,23 @@ def output_folders(cfg: DictConfig, datamodule) -> dict[str, tuple[object, Path]
     return folders
 
 
-def segment_datasets(cfg: DictConfig, datamodule, encoder=None, only_missing: bool = False) -> dict:
+def segment_datasets(cfg: DictConfig, datamodule, encoder=None, first_use: bool = False) -> dict:
     """Segment every image of ``datamodule``'s datasets into their folders (:func:`output_folders`);
-    ``only_missing``: only datasets whose folder does not exist yet (``segment.on_first_use``), and
-    not a user's own folder of images, which trains without parts unless segmented on purpose.
+    ``first_use`` (``segment.on_first_use``): only the folders that training reads its masks from,
+    when they do not exist yet or are a segmentation cache (kept current: only what changed is
+    recomputed); never a folder of masks from elsewhere (such as the demo's true masks, where
+    mode=segment would write elsewhere), nor a user's own folder of images, which trains without
+    parts unless segmented on purpose.
     Returns ``{dataset: summary}`` (output, route, classes, IoU against ``segment.truth``)."""
     from data_modules.base import DataError
 
     s = cfg.segment
     folders = output_folders(cfg, datamodule)
-    if only_missing:
+    if first_use:  # only the folders training reads its masks from
         folders = {name: (module, output) for name, (module, output) in folders.items()
-                   if not output.exists() and not getattr(module, "components_optional", False)}
+                   if module.component_root is not None and output.resolve() == module.component_root.resolve()
+                   and (not output.exists() or any(output.glob(f"*/{MANIFEST}")))
+                   and not getattr(module, "components_optional", False)}
     if not folders:
         return {}
     # A relative segment.truth is inside each dataset's root.

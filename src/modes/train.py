@@ -73,12 +73,16 @@ def run(cfg: DictConfig) -> float | None:
             require_component_masks(cfg, data)
     datamodule, module, trainer = build_components(cfg)
     if first_use and cfg.model.get("num_component_experts", 0):
-        # Masks of the datasets whose folder does not exist yet, with the model's own encoder (so a
-        # checkpoint can segment new images the same way), then the usual check.
+        # Masks of the datasets whose folder does not exist yet, or is a segmentation cache that may
+        # be stale (only what changed is recomputed), with the model's own encoder (so a checkpoint
+        # can segment new images the same way); then the usual check.
         from src.modes.segment import segment_datasets
 
-        if rank_zero_only.rank == 0 and segment_datasets(cfg, datamodule, module.net.encoder, only_missing=True):
-            log.info("Component masks computed on first use (segment.on_first_use=true)")
+        if rank_zero_only.rank == 0:
+            summary = segment_datasets(cfg, datamodule, module.net.encoder, first_use=True)
+            computed = sum(c["computed"] for d in summary.values() for c in d["classes"].values())
+            if computed:
+                log.info("Component masks of %d images computed (segment.on_first_use=true)", computed)
         require_component_masks(cfg, datamodule)
     check_slurm_restore(trainer, cfg.get("ckpt_path"))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
