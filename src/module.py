@@ -349,7 +349,9 @@ class AnomalyMoEModule(LightningModule):
             for batch, prediction in self.infer(loader):
                 self.calibrator.update(prediction, batch)
                 if unmasked is not None:
-                    unmasked.update(self.anomaly_maps(without_masks(batch)), batch)
+                    # A batch without any mask already took the pipeline without masks.
+                    has_masks = "num_masks" in batch and bool(batch["num_masks"].any())
+                    unmasked.update(self.anomaly_maps(without_masks(batch)) if has_masks else prediction, batch)
         calibration = self.calibrator.evaluate()  # gathered over processes
         self.calibrator.reset()
         if unmasked is not None:

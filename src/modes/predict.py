@@ -147,6 +147,12 @@ def choose_segmenter(module, settings, device) -> tuple[OnlineSegmenter | None, 
     return segmenter, None
 
 
+def statistics_for(module, calibration, key: str, masked: bool) -> NormalStatistics:
+    """The statistics of the pipeline an image took: with or without component masks (the same
+    for a model without component experts)."""
+    return calibration.get(key, masks=masked or module.net.num_experts[2] == 0)
+
+
 def score_with_checkpoint(module, calibration, loader: DataLoader, group_maps: bool = False) -> Iterator[dict]:
     """Each image of ``loader`` (:class:`ImageFiles`) scored by the model with its class's statistics:
     one record per image (see :func:`write_predictions`), ``{"path", "error"}`` for an unreadable one."""
@@ -157,7 +163,7 @@ def score_with_checkpoint(module, calibration, loader: DataLoader, group_maps: b
             continue
         for i, path in enumerate(batch["path"]):
             key, masked = batch["class_key"][i], batch["masks_from"][i] != "none"
-            stats = calibration.get(key, masks=masked or module.net.num_experts[2] == 0)
+            stats = statistics_for(module, calibration, key, masked)
             scored = scorer.score(prediction.select([i]), stats)
             record = {"path": path, "class": key or POOLED, "class_margin": batch["class_margin"][i],
                       "masks_from": batch["masks_from"][i], "score": float(scored.scores[0]),
@@ -244,13 +250,12 @@ def run(cfg: DictConfig) -> float | None:
     dataset = ImageFiles(writer.todo(images), transforms, root, mask_root, segmenter, class_key)
     loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate)
     records = score_with_checkpoint(module, calibration, loader, bool(settings.get("save_group_maps")))
-    with_masks = module.net.num_experts[2] == 0
     header = {"checkpoint": str(checkpoint.path), "checkpoint_format": checkpoint.kind,
               "checkpoint_step": checkpoint.global_step, "input": str(root), "protocol": "inductive",
               "class_key": settings.class_key or ("chosen per image" if segmenter is not None else class_key or POOLED),
               "statistics_source": source, "decision_rule": calibration.rule, "notes": notes}
     return write_predictions(records, header, expert_names(module.net.num_experts), images, others, out, settings,
-                             writer, lambda key, masked: calibration.get(key, masks=masked or with_masks))
+                             writer, lambda key, masked: statistics_for(module, calibration, key, masked))
 
 
 def is_exported(ckpt_path) -> bool:

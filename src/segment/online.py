@@ -90,7 +90,7 @@ class PartSegmentation:
 def _features(params: dict, encoder, device: str):
     """The dense features the cache was computed with, from the model's encoder when they are its
     own; (features, "") or (None, why not)."""
-    from src.segment.features import BackboneFeatures, ColorFeatures, state_fingerprint
+    from src.segment.features import BackboneFeatures, ColorFeatures
 
     described = params.get("features", {})
     if described.get("kind") == "color":
@@ -98,11 +98,11 @@ def _features(params: dict, encoder, device: str):
     if described.get("kind") == "backbone":
         if encoder is None:
             return None, "the segmentation features are a backbone's and no encoder was given"
-        if getattr(encoder, "name", None) != described.get("name") or state_fingerprint(encoder) != described.get(
-                "weights_sha1"):
+        features = BackboneFeatures(encoder, list(described["blocks"]), device)
+        if features.describe() != described:  # name, blocks and the weights' fingerprint
             return None, ("the masks were computed with other backbone weights than this model's encoder "
                           "(segment.backbone differs from model.backbone)")
-        return BackboneFeatures(encoder, list(described["blocks"]), device), ""
+        return features, ""
     return None, f"unknown segmentation features {described!r}"
 
 
