@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_modules.multi import AnomalyDataModule  # noqa: E402
+from data_modules.datamodule import AnomalyDataModule  # noqa: E402
 
 
 def natural_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:

@@ -35,7 +35,7 @@ def main() -> None:
     os.environ["ANOMALYMOE_FIXTURES"] = args.fixtures  # read by tests.test_parity at import
 
     from src.evaluation.evaluator import AnomalyEvaluator
-    from src.models.checkpoint import check_and_load, original_to_ours
+    from src.models.weight_formats import check_and_load, original_to_ours
     from tests.test_parity import STRUCTURES, build_model, eval_mode_losses, padded_masks
 
     fixture = torch.load(path, map_location="cpu", weights_only=True)

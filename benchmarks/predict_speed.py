@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from data_modules.demo import generate_demo_dataset
+from data_modules.sources.demo import generate_demo_dataset
 from src.evaluation.calibration import NormalStatistics
 from src.modes.predict import ImageFiles, collate
 from src.modes.segment import build_segmenter

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_modules.demo import _widget  # noqa: E402
+from data_modules.sources.demo import _widget  # noqa: E402
 from src.models.backbone import DinoV2Backbone  # noqa: E402
 from src.segment.cluster import ClusterSegmenter  # noqa: E402
 from src.segment.features import BackboneFeatures, ColorFeatures  # noqa: E402

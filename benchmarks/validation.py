@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.data_loading import natural_image  # noqa: E402
 from data_modules.components import save_component_masks  # noqa: E402
-from data_modules.multi import AnomalyDataModule  # noqa: E402
+from data_modules.datamodule import AnomalyDataModule  # noqa: E402
 
 
 def write_dataset(root: Path, count: int, components: Path | None) -> None:
@@ -64,7 +64,7 @@ def main() -> None:
                 start = time.perf_counter()
                 dm.check_samples("fit")
                 seconds = time.perf_counter() - start
-                checked = sum(len(m.samples(s)) for m in dm.modules.values() for s in ("train", "test"))
+                checked = sum(len(m.samples(s)) for m in dm.sources.values() for s in ("train", "test"))
                 print(json.dumps({"repeat": repeat, "images": checked, "component_masks": masks is not None,
                                   "seconds": round(seconds, 3),
                                   "seconds_per_1000_images": round(1000 * seconds / checked, 3)}), flush=True)

@@ -11,12 +11,10 @@ from __future__ import annotations
 import zipfile
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from data_modules.base import Sample
+from data_modules.types import DataError, Sample
 
 
 def component_path(root: Path, class_name: str, split: str, defect_type: str, stem: str) -> Path:
@@ -33,8 +31,6 @@ def save_component_masks(path: Path, masks: np.ndarray) -> None:
 
 def read_component_masks(path: Path) -> np.ndarray:
     """(K, H, W) boolean masks from a file written by :func:`save_component_masks`."""
-    from data_modules.base import DataError
-
     try:
         with np.load(path) as data:
             shape = tuple(int(s) for s in data["shape"])
@@ -47,8 +43,6 @@ def read_component_masks(path: Path) -> np.ndarray:
 
 def load_component_masks(root: Path, sample: Sample, image_size: tuple[int, int]) -> np.ndarray:
     """Masks of ``sample``, checked against its (H, W) ``image_size``."""
-    from data_modules.base import DataError
-
     path = component_path(root, sample.class_name, sample.split, sample.defect_type, sample.image_path.stem)
     if not path.is_file():
         raise DataError(

@@ -3,9 +3,9 @@
 :func:`validate_samples` reads the header of every image and mask and runs Pillow's ``verify``
 (the checksums of a PNG's chunks, which finds truncated PNG files; no pixel decoding: about a
 millisecond per file, see ``benchmarks/validation.py``) and collects every problem with its
-file and fix; :func:`raise_problems` turns them into one :class:`~data_modules.base.DataError`.
+file and fix; :func:`raise_problems` turns them into one :class:`~data_modules.types.DataError`.
 Checked: the image decodes and its pixel format and size are ones the loader takes
-(:func:`~data_modules.base.header_problem`; sizes after the EXIF orientation), an anomalous
+(:func:`~data_modules.io.header_problem`, with the run's pixel limit; sizes after the EXIF orientation), an anomalous
 image's mask exists, decodes and has the image's size, no two images of a class, split and type
 share a stem (their masks and component-mask files are found by name), and, when component
 masks are read, each image's mask file exists and reads as the loader reads it (every member,
@@ -22,8 +22,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from data_modules.base import DataError, Sample, available_cpus, header_problem, oriented_size
 from data_modules.components import component_path, read_component_masks
+from data_modules.io import DEFAULT_MAX_PIXELS, available_cpus, header_problem, oriented_size
+from data_modules.types import DataError, Sample
 
 log = logging.getLogger(__name__)
 
@@ -49,30 +50,28 @@ def _short(path: Path, root: Path | None) -> str:
     return str(path)
 
 
-def _header(path: Path) -> tuple[tuple[int, int] | None, tuple[str, str] | None]:
+def _header(path: Path, max_pixels: int) -> tuple[tuple[int, int] | None, tuple[str, str] | None]:
     """((width, height) as the loader sees it, None) or (None, (why the file cannot be used, the fix))."""
     try:
         with Image.open(path) as img:
-            problem = header_problem(img)
+            problem = header_problem(img, max_pixels)
             if problem is None:
                 img.load()  # every pixel decoded, as the loader will: finds truncated JPEG and PNG files
             return oriented_size(img), problem
     except FileNotFoundError:
         return None, ("file not found", "")
-    except Image.DecompressionBombError as err:
-        return None, (f"too large ({err})", "downscale it, or raise dataset.max_image_pixels")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         return None, (f"not a readable image ({err})", "replace or remove the file")
 
 
-def _sample_problems(sample: Sample, component_root: Path | None) -> list[Problem]:
+def _sample_problems(sample: Sample, component_root: Path | None, max_pixels: int) -> list[Problem]:
     """The problems of one sample: its image, its mask and its component masks."""
     problems: list[Problem] = []
-    size, why = _header(sample.image_path)
+    size, why = _header(sample.image_path, max_pixels)
     if why is not None:
         return [Problem(sample.image_path, why[0], why[1] or "restore the file or remove it from the list")]
     if sample.mask_path is not None:
-        mask_size, why = _header(sample.mask_path)
+        mask_size, why = _header(sample.mask_path, max_pixels)
         if why is not None and why[0] == "file not found":
             problems.append(Problem(sample.image_path, f"anomalous image without its mask (expected {sample.mask_path})",
                                     "add the mask, or move the image out of the dataset"))
@@ -104,10 +103,13 @@ def _sample_problems(sample: Sample, component_root: Path | None) -> list[Proble
 
 
 def validate_samples(
-    samples: Sequence[Sample], component_roots: Mapping[str, Path | None] | None = None
+    samples: Sequence[Sample],
+    component_roots: Mapping[str, Path | None] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[Problem]:
     """Every problem of ``samples`` (see the module docstring); ``component_roots`` maps a
-    dataset name to the folder its component masks are read from (None: none)."""
+    dataset name to the folder its component masks are read from (None: none); images above
+    ``max_pixels`` are refused."""
     problems: list[Problem] = []
     seen: dict[tuple, Path] = {}
     roots = dict(component_roots or {})
@@ -128,7 +130,7 @@ def validate_samples(
             checks.append(sample)
 
     def check(item: Sample | Problem) -> list[Problem]:
-        return [item] if isinstance(item, Problem) else _sample_problems(item, roots.get(item.dataset))
+        return [item] if isinstance(item, Problem) else _sample_problems(item, roots.get(item.dataset), max_pixels)
 
     # Decoding is most of the cost and Pillow releases the GIL while it decodes: one thread per CPU.
     with ThreadPoolExecutor(max_workers=min(8, available_cpus())) as pool:

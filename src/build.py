@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from callbacks.resume import RunDescription
-from data_modules.base import IMAGENET_MEAN, IMAGENET_STD
+from data_modules.types import IMAGENET_MEAN, IMAGENET_STD
 from src.checkpoints import AtomicCheckpointIO
 from src.loggers import git_commit
 from src.models.anomalymoe import AnomalyMoE
@@ -81,7 +81,7 @@ def build_components(cfg: DictConfig) -> tuple[LightningDataModule, AnomalyMoEMo
 
 def require_component_masks(cfg: DictConfig, datamodule: LightningDataModule | None = None) -> None:
     """Training with component experts needs the datasets' component masks (the data side's
-    policy: :meth:`data_modules.multi.AnomalyDataModule.require_component_masks`)."""
+    policy: :meth:`data_modules.datamodule.AnomalyDataModule.require_component_masks`)."""
     experts = cfg.model.get("num_component_experts", 0)
     if experts:
         (datamodule or hydra.utils.instantiate(cfg.dataset)).require_component_masks(experts)

@@ -1,4 +1,4 @@
-"""Checkpoints of a run: reading them safely, the run description they carry, rebuilding the
+"""Checkpoints of a run (Lightning ``.ckpt`` files this project writes): reading them safely, the run description they carry, rebuilding the
 config from it, writing them atomically and finding the one to resume from.
 
 Every Lightning checkpoint this project writes holds, besides Lightning's own state:
@@ -12,7 +12,9 @@ Every Lightning checkpoint this project writes holds, besides Lightning's own st
   images are segmented like the training and test images.
 
 Files are only ever read with ``torch.load(..., weights_only=True)``
-(:func:`src.models.checkpoint.load_file`): a checkpoint is data, never code.
+(:func:`src.models.weight_formats.load_file`): a checkpoint is data, never code. Weights in other
+formats (Meta's DINOv2 ``.pth``, timm files, the original AnomalyMoE state dict) are mapped by
+:mod:`src.models.weight_formats`.
 """
 
 from __future__ import annotations
@@ -36,8 +38,7 @@ from callbacks.resume import RunDescription
 from src.errors import ConfigError
 from src.evaluation.calibration import Calibration
 from src.models.backbone import WEIGHTS_DEFERRED
-from src.segment.online import PartSegmentation
-from src.models.checkpoint import (
+from src.models.weight_formats import (
     CheckpointError,
     check_and_load,
     check_expert_counts,
@@ -45,6 +46,7 @@ from src.models.checkpoint import (
     original_to_ours,
     state_dict_of,
 )
+from src.segment.online import PartSegmentation
 
 log = logging.getLogger(__name__)
 

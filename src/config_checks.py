@@ -25,7 +25,7 @@ from numbers import Number
 import torch
 from omegaconf import DictConfig, open_dict
 
-from data_modules.base import available_cpus
+from data_modules.io import available_cpus
 from src.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data_modules.base import IMAGENET_MEAN, IMAGENET_STD
+from data_modules.types import IMAGENET_MEAN, IMAGENET_STD
 from src.evaluation.calibration import POOLED, Calibration
 from src.evaluation.scorer import Scorer, raw_groups
 from src.models.anomalymoe import AnomalyMoE

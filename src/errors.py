@@ -6,8 +6,8 @@ other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-from data_modules.base import DataError
-from src.models.checkpoint import CheckpointError
+from data_modules.types import DataError
+from src.models.weight_formats import CheckpointError
 
 
 class ConfigError(ValueError):

@@ -9,7 +9,7 @@ next to ``model.onnx`` and ``model.json`` into an application::
 
 The graph does everything from the resized image on (normalisation, class choice, component
 masks, experts, calibration, decision: ``src/deploy.py``). This file does what a graph cannot do
-exactly: decode the image (as ``data_modules.base.open_image``), resize it with PIL like the data
+exactly: decode the image (as ``data_modules.io.open_image``), resize it with PIL like the data
 pipeline (square bilinear resize with antialiasing, centre crop) and, for a model with part
 prototypes, resize it to the segmentation's working size and compute the nearest-neighbour index
 maps that carry the masks to the model's input (``mode=predict``: masks at the image's own size,

@@ -69,7 +69,7 @@ def seeded():
 @pytest.fixture(scope="session")
 def small_demo_root(tmp_path_factory) -> Path:
     """A small demo dataset (few images per class), generated once per test session."""
-    from data_modules.demo import generate_demo_dataset
+    from data_modules.sources.demo import generate_demo_dataset
 
     root = tmp_path_factory.mktemp("demo")
     generate_demo_dataset(root, seed=0, size=96, num_train=8, num_test_good=4, num_test_defect=2)

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from src.models.backbone import DinoV2Backbone, interpolate_pos_embed_offset
-from src.models.checkpoint import (
+from src.models.weight_formats import (
     CheckpointError,
     meta_dinov2_to_timm,
-    ours_to_original,
     original_to_ours,
+    ours_to_original,
     timm_to_meta_dinov2,
 )
 from tests.conftest import tiny_backbone, tiny_model

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from src.models.backbone import DinoV2Backbone
-from src.models.checkpoint import CheckpointError, meta_dinov2_to_timm
+from src.models.weight_formats import CheckpointError, meta_dinov2_to_timm
 from tests.conftest import tiny_backbone
 
 DIM, HEADS, DEPTH, GRID = 32, 2, 12, 37  # the tiny backbone of the tests (conftest.tiny_backbone)

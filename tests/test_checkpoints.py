@@ -20,7 +20,7 @@ import torch
 from src.checkpoints import AtomicCheckpointIO, find_resume_checkpoint, read_checkpoint
 from src.entry import run_task
 from src.errors import ConfigError, user_error
-from src.models.checkpoint import CheckpointError
+from src.models.weight_formats import CheckpointError
 from tests.conftest import ROOT, compose_cfg, small_demo_overrides
 from tests.test_resume import one_thread  # noqa: F401  (autouse: one intra-op thread on a shared CPU)
 

@@ -9,9 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data_modules.base import AnomalyTransforms, DataError, SourceDataModule, collate_samples, open_image
 from data_modules.components import component_path, read_component_masks, save_component_masks
-from data_modules.demo import generate_demo_dataset
+from data_modules.datamodule import AnomalyDataModule
+from data_modules.dataset import AnomalyTransforms, collate_samples
+from data_modules.io import open_image
+from data_modules.sources.demo import generate_demo_dataset
+from data_modules.types import DataError
 
 
 def write_png(path, array):
@@ -33,10 +36,11 @@ def mvtec_tree(tmp_path):
     return root
 
 
-def datamodule(root, **kw):
-    args = dict(root=str(root), name="mvtec_ad", image_size=56, resize=64, batch_size=2, test_batch_size=2, num_workers=0)
-    args.update(kw)
-    return SourceDataModule(**args)
+def datamodule(root, **source_settings):
+    """The data module a run on one MVTec-layout source builds (``dataset=mvtec_ad``), with small loaders."""
+    source = {"kind": "mvtec_ad", "root": str(root), **source_settings}
+    return AnomalyDataModule({"mvtec_ad": source}, image_size=56, resize=64, batch_size=2, test_batch_size=2,
+                             num_workers=0)
 
 
 def test_mvtec_layout_is_listed_and_aligned(mvtec_tree):

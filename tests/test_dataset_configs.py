@@ -32,8 +32,8 @@ def test_every_source_names_a_registered_kind():
 
 
 def test_an_unknown_source_kind_lists_the_kinds():
-    from data_modules.base import DataError
-    from data_modules.multi import AnomalyDataModule
+    from data_modules.datamodule import AnomalyDataModule
+    from data_modules.types import DataError
 
     with pytest.raises(DataError, match=r"kind='mvtech' is not a source kind; use one of \['bmad', 'demo', 'folder'"):
         AnomalyDataModule({"mine": {"kind": "mvtech", "root": "/tmp/unused"}})

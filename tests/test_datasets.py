@@ -19,11 +19,11 @@ from hydra.errors import InstantiationException, MissingConfigException
 from hydra.utils import instantiate
 from PIL import Image
 
-from data_modules.base import DataError
-from data_modules.multi import BalancedSampler
+from data_modules.dataset import BalancedSampler
 from data_modules.prepare import PUBLISHED, prepare_dataset, validate_prepared
 from data_modules.prepare.counts import Published
 from data_modules.prepare.mvtec import xyz_path
+from data_modules.types import DataError
 from src.modes.prepare import run as run_prepare
 from tests.conftest import compose_cfg
 

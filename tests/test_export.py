@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_modules.base import AnomalyTransforms
+from data_modules.dataset import AnomalyTransforms
 from src.inference import mask_index, nearest_index
 from src.models.experts import legacy_nearest_index
 from src.modes.export import parity

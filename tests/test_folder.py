@@ -9,8 +9,8 @@ import pytest
 from hydra.utils import instantiate
 from PIL import Image
 
-from data_modules.base import DataError
-from data_modules.folder import source_key
+from data_modules.sources.folder import source_key
+from data_modules.types import DataError
 from tests.conftest import compose_cfg
 from tests.test_datasets import LOADER, fake_mvtec_ad, write_image, write_mask
 
@@ -139,7 +139,7 @@ def test_component_masks_of_each_source_are_kept_apart(tmp_path):
     first = own_images(tmp_path / "a" / "imgs", normals=4, types={"bad": 1})
     second = own_images(tmp_path / "b" / "imgs", normals=4, types={"bad": 1})
     a, b = folder_module(first, data_dir=tmp_path / "data"), folder_module(second, data_dir=tmp_path / "data")
-    fa, fb = a.modules["folder"].component_folder, b.modules["folder"].component_folder
+    fa, fb = a.sources["folder"].component_folder, b.sources["folder"].component_folder
     assert fa != fb and fa.parent == fb.parent == tmp_path / "data" / "components" / "folder"
     assert fa.name == source_key(first) and a.component_root is None  # none computed: data without parts
     a.require_component_masks(2)  # no error: routed to patch and global experts only
@@ -155,7 +155,7 @@ def test_segment_writes_where_training_reads(tmp_path):
                        f"paths.data_dir={tmp_path / 'data'}"])
     dm = instantiate(cfg.dataset)
     ((_, written),) = output_folders(cfg, dm).values()
-    assert written == dm.modules["folder"].component_folder
+    assert written == dm.sources["folder"].component_folder
     demo = compose_cfg(["mode=segment", "experiment=demo", f"paths.data_dir={tmp_path / 'data'}"])
     ((_, written),) = output_folders(demo, instantiate(demo.dataset)).values()
     assert written == tmp_path / "data" / "components" / "demo"  # the demo's true masks are kept

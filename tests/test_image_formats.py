@@ -10,17 +10,12 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from data_modules import base
-from data_modules.base import AnomalyTransforms, DataError, Sample, open_image, set_max_image_pixels
 from data_modules.components import load_component_masks, read_component_masks
+from data_modules.dataset import AnomalyDataset, AnomalyTransforms, make_loader
+from data_modules.io import open_image
+from data_modules.types import DataError, Sample
 from data_modules.validate import validate_samples
 from tests.conftest import compose_cfg
-
-
-@pytest.fixture(autouse=True)
-def default_limit():
-    yield
-    set_max_image_pixels(None)
 
 
 def sixteen_bit(path: Path, values: np.ndarray) -> Path:
@@ -63,18 +58,44 @@ def test_very_large_images_are_refused_and_predict_scores_the_others(tmp_path):
     small, large = tmp_path / "small.png", tmp_path / "large.png"
     Image.new("RGB", (20, 20)).save(small)
     Image.new("RGB", (40, 40)).save(large)
-    instantiate(compose_cfg(["dataset=demo", "dataset.max_image_pixels=1000"]).dataset)  # the config key sets it
-    assert base.MAX_IMAGE_PIXELS == 1000
+    datamodule = instantiate(compose_cfg(["dataset=demo", "dataset.max_image_pixels=1000"]).dataset)
+    assert datamodule.max_pixels == 1000  # the config key sets the limit the data module passes on
     with pytest.raises(DataError, match=r"large.png is 40x40.*dataset.max_image_pixels=1000"):
-        open_image(large)
-    batch = collate([item for item in ImageFiles([small, large], AnomalyTransforms(32, 28), tmp_path)])
+        open_image(large, max_pixels=datamodule.max_pixels)
+    batch = collate([item for item in ImageFiles([small, large], AnomalyTransforms(32, 28), tmp_path,
+                                                 max_pixels=datamodule.max_pixels)])
     assert batch["image"].shape[0] == 1 and len(batch["errors"]) == 1
     assert batch["errors"][0]["path"] == str(large) and "max_image_pixels" in batch["errors"][0]["error"]
-    Image.new("RGB", (100, 100)).save(large)  # above twice the limit: Pillow's own refusal, also named
-    with pytest.raises(DataError, match=r"large.png is too large.*dataset.max_image_pixels=1000"):
-        open_image(large)
-    set_max_image_pixels(None)
-    assert open_image(large).size == (100, 100)
+    Image.new("RGB", (100, 100)).save(large)  # far above the limit: refused from the header, before decoding
+    with pytest.raises(DataError, match=r"large.png is 100x100.*dataset.max_image_pixels=1000"):
+        open_image(large, max_pixels=1000)
+    assert open_image(large).size == (100, 100)  # the default limit, in the same process: nothing global changed
+    problems = validate_samples([Sample(large, 0, "train", "good", "d", "c")], max_pixels=1000)
+    assert len(problems) == 1 and "dataset.max_image_pixels=1000" in problems[0].what
+
+
+@pytest.mark.slow
+def test_the_pixel_limit_reaches_loader_workers_started_with_spawn(tmp_path):
+    """macOS and Windows start loader workers with ``spawn``: a fresh interpreter that imports
+    the modules anew. The limit travels with the dataset, so it holds there too."""
+    import multiprocessing
+
+    small, large = tmp_path / "small.png", tmp_path / "large.png"
+    Image.new("RGB", (20, 20)).save(small)
+    Image.new("RGB", (40, 40)).save(large)
+    datamodule = instantiate(compose_cfg(["dataset=demo", "dataset.max_image_pixels=1000", "dataset.num_workers=1",
+                                          "dataset.test_batch_size=1"]).dataset)
+    samples = [Sample(p, 0, "test", "good", "demo", "fabric") for p in (small, large)]
+    dataset = AnomalyDataset(samples, datamodule.transforms, ["demo/fabric"], False, None, datamodule.max_pixels)
+    method = multiprocessing.get_start_method()
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        batches = iter(make_loader(dataset, datamodule.test_batch_size, False, datamodule.num_workers))
+        assert next(batches)["image_path"] == [str(small)]
+        with pytest.raises(DataError, match=r"large.png is 40x40.*dataset.max_image_pixels=1000"):
+            next(batches)
+    finally:
+        multiprocessing.set_start_method(method, force=True)
 
 
 def test_unreadable_component_mask_file_is_a_data_error_naming_it(tmp_path):

@@ -18,7 +18,7 @@ from src.evaluation.evaluator import AnomalyEvaluator
 from src.losses import Objective
 from src.models.anomalymoe import AnomalyMoE
 from src.models.backbone import DinoV2Backbone
-from src.models.checkpoint import CheckpointError, check_and_load, check_expert_counts, original_to_ours
+from src.models.weight_formats import CheckpointError, check_and_load, check_expert_counts, original_to_ours
 from tests.conftest import official_fixture
 
 FIXTURE = official_fixture("official_tiny.pt")

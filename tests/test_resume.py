@@ -152,7 +152,7 @@ def batches(loader) -> list[list[int]]:
 def test_training_loader_resumes_with_another_number_of_workers(before, after):
     """A requeued job on a machine with fewer CPUs (workers are capped at CPUs - 1) continues the
     epoch exactly: same images, same order."""
-    from data_modules.base import make_loader
+    from data_modules.dataset import make_loader
 
     torch.manual_seed(0)
     uninterrupted = batches(make_loader(Numbers(), 4, True, before))
@@ -171,7 +171,7 @@ def test_training_loader_resumed_with_another_number_of_processes_starts_its_epo
     differently, so the position cannot be continued; it must not crash inside torchdata."""
     from torch.utils.data import DistributedSampler
 
-    from data_modules.base import TrainLoader, collate_samples, make_loader
+    from data_modules.dataset import TrainLoader, collate_samples, make_loader
 
     loader = make_loader(Numbers(), 4, True, 0)
     served = [b for _, b in zip(range(3), loader)]

@@ -13,9 +13,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
-from data_modules.base import DataError
+from data_modules.types import DataError
 from src.evaluation.metrics import METRICS
-from src.models.checkpoint import ours_to_original
+from src.models.weight_formats import ours_to_original
 from tests.conftest import ROOT, small_demo_overrides
 
 CONF = str(ROOT / "conf")

@@ -15,20 +15,23 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from data_modules.base import DataError, collate_samples
 from data_modules.components import component_path, read_component_masks
-from data_modules.demo import DemoDataModule
+from data_modules.datamodule import AnomalyDataModule
+from data_modules.dataset import collate_samples
+from data_modules.types import DataError
 from src.segment.cluster import ClusterSegmenter
 from src.segment.features import BackboneFeatures, ColorFeatures
 from src.segment.refine import RefineSettings
 from src.segment.runner import segment_dataset
 from tests.conftest import compose_cfg, small_demo_overrides, tiny_backbone
 
-SMALL = dict(generate_size=96, num_train=8, num_test_good=4, num_test_defect=2, image_size=84, resize=96, num_workers=0)
+GENERATE = dict(generate_size=96, num_train=8, num_test_good=4, num_test_defect=2)
 
 
-def demo_module(root: Path, masks: Path | None = None) -> DemoDataModule:
-    return DemoDataModule(root=str(root), component_masks=str(masks) if masks else None, **SMALL)
+def demo_module(root: Path, masks: Path | None = None) -> AnomalyDataModule:
+    """The data module of a run on the small demo (what ``dataset=demo`` builds)."""
+    demo = dict(kind="demo", root=str(root), component_masks=str(masks) if masks else None, **GENERATE)
+    return AnomalyDataModule({"demo": demo}, image_size=84, resize=96, num_workers=0)
 
 
 def run_segment_mode(overrides: list[str]) -> tuple[float | None, str]:
@@ -130,7 +133,7 @@ def test_cache_skips_current_images_and_recomputes_changes(small_demo_root, tmp_
 
     def run(**kwargs):
         start = time.process_time()  # CPU time: steadier than wall time on a shared machine
-        report = segment_dataset(datamodule, segmenter, out, k=3, image_size=140, **kwargs)
+        report = segment_dataset(datamodule.sources["demo"], segmenter, out, k=3, image_size=140, **kwargs)
         return report, time.process_time() - start
 
     first, t_first = run()
@@ -255,8 +258,6 @@ def test_segment_then_train_from_the_command_line(small_demo_root, tmp_path):
 
 def test_every_image_extension_is_segmented(tmp_path):
     """Test images in any extension get masks (the original globbed test folders for *.png only)."""
-    from data_modules.base import SourceDataModule
-
     root = tmp_path / "data"
     rng = np.random.default_rng(0)
     for i, (split, kind, name) in enumerate([("train", "good", "000.png"), ("train", "good", "001.JPG"),
@@ -266,9 +267,10 @@ def test_every_image_extension_is_segmented(tmp_path):
         img = np.clip(img + rng.integers(-5, 5, img.shape), 0, 255).astype(np.uint8)
         (root / "part" / split / kind).mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(root / "part" / split / kind / name, quality=95)
-    datamodule = SourceDataModule(str(root), "jpegs", image_size=28, resize=32, num_workers=0)
+    datamodule = AnomalyDataModule({"jpegs": {"kind": "mvtec_ad", "root": str(root)}}, image_size=28, resize=32,
+                                   num_workers=0)
     segmenter = ClusterSegmenter(ColorFeatures(stride=2), coreset_ratio=1.0, refine_settings=RefineSettings(iterations=1))
-    report = segment_dataset(datamodule, segmenter, tmp_path / "masks", k=2, image_size=32)
+    report = segment_dataset(datamodule.sources["jpegs"], segmenter, tmp_path / "masks", k=2, image_size=32)
     assert report.computed == 4 and report.classes[0].kept == [next(iter(set(range(2)) - set(report.classes[0].dropped)))]
     for split, name in [("train", "001"), ("test", "002"), ("test", "003")]:
         masks = read_component_masks(tmp_path / "masks" / "part" / split / "good" / f"{name}.npz")

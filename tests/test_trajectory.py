@@ -19,15 +19,19 @@ of those terms (the estimator loss); weights against the change the original mad
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from hydra.utils import instantiate
 from lightning import Callback, Trainer
 from torch.utils.data import DataLoader
 
-from src.models.checkpoint import check_and_load, check_expert_counts, original_club_to_ours, original_to_ours
-from src.models.checkpoint import ours_to_original
+from src.models.weight_formats import (
+    check_and_load,
+    check_expert_counts,
+    original_club_to_ours,
+    original_to_ours,
+    ours_to_original,
+)
 from tests.conftest import compose_cfg, official_fixture
 from tests.test_parity import build_model, padded_masks
 

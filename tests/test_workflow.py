@@ -14,9 +14,10 @@ import pytest
 import torch
 import yaml
 
-from data_modules.base import Sample, split_validation
+from data_modules.dataset import split_validation
+from data_modules.types import Sample
 from src.loggers import wandb_offline_by_default
-from src.models.checkpoint import original_to_ours
+from src.models.weight_formats import original_to_ours
 from src.modes.export import export_original
 from tests.conftest import ROOT, tiny_model
 from tests.test_run import compose_cfg

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_modules.base import DataError
+from data_modules.io import DEFAULT_MAX_PIXELS
 from data_modules.prepare.common import PrepareSummary, Writer, read_marker, write_marker
 from data_modules.prepare.counts import PUBLISHED, Published, ValidationReport, validate_prepared
+from data_modules.types import DataError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ class PrepareResult:
 
 
 def prepare_dataset(name: str, root: Path, source: Path | str | None, convert: Converter | None, fmt: str,
-                    skip_bad: bool = False, published: dict[str, Published] | None = None) -> PrepareResult:
+                    skip_bad: bool = False, published: dict[str, Published] | None = None,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> PrepareResult:
     """Convert ``source`` into ``root`` with ``convert`` (unless done before), then validate.
 
     Args:
@@ -56,6 +58,7 @@ def prepare_dataset(name: str, root: Path, source: Path | str | None, convert: C
         fmt: the family's format name, recorded with the conversion.
         skip_bad: leave unusable inputs out (counted) instead of stopping.
         published: counts to compare with (default ``PUBLISHED[name]``).
+        max_pixels: inputs with more pixels are refused (``dataset.max_image_pixels``).
     """
     root = Path(root).expanduser()
     marker = read_marker(root)
@@ -82,7 +85,7 @@ def prepare_dataset(name: str, root: Path, source: Path | str | None, convert: C
             shutil.rmtree(partial)  # left by an interrupted conversion
         partial.mkdir(parents=True)
         try:
-            convert(source, Writer(partial, summary, skip_bad))
+            convert(source, Writer(partial, summary, skip_bad, max_pixels))
             write_marker(partial, fmt, summary)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)

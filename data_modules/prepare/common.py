@@ -15,7 +15,7 @@ Conversions applied to inputs (each counted in :class:`PrepareSummary.conversion
   interpolation when the aspect ratios agree (within 1 %); otherwise it is an error.
 
 Unreadable (corrupt, truncated) images and defect images without a mask stop the conversion
-with a :class:`~data_modules.base.DataError` naming the file; with ``skip_bad=True`` they are
+with a :class:`~data_modules.types.DataError` naming the file; with ``skip_bad=True`` they are
 left out instead, and listed in the summary.
 """
 
@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from data_modules.base import IMAGE_EXTENSIONS, DataError, check_image_header
+from data_modules.io import DEFAULT_MAX_PIXELS, check_image_header, header_problem
+from data_modules.types import IMAGE_EXTENSIONS, DataError
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +76,18 @@ class PrepareSummary:
         return out
 
 
-def _read(path: Path) -> Image.Image:
+class TooLarge(DataError):
+    """An input above ``dataset.max_image_pixels`` (what is wrong, the fix)."""
+
+
+def _read(path: Path, max_pixels: int) -> Image.Image:
     try:
         with Image.open(path) as img:
+            if img.width * img.height > max_pixels:  # refused before decoding (float images: _to_png_mode)
+                raise TooLarge(*header_problem(img, max_pixels))
             img.load()  # decodes everything: truncated files fail here
             return img.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DataError(f"cannot read image {path}: {err}") from err
 
 
@@ -114,10 +121,12 @@ class Writer:
         summary: where counts, conversions and skipped files are recorded.
         skip_bad: leave unreadable images and defect images without a mask out (counted)
             instead of stopping with an error.
+        max_pixels: inputs with more pixels are refused before decoding (``dataset.max_image_pixels``).
     """
 
-    def __init__(self, root: Path, summary: PrepareSummary, skip_bad: bool = False) -> None:
-        self.root, self.summary, self.skip_bad = root, summary, skip_bad
+    def __init__(self, root: Path, summary: PrepareSummary, skip_bad: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.root, self.summary, self.skip_bad, self.max_pixels = root, summary, skip_bad, max_pixels
 
     def bad(self, path: Path, reason: str, fix: str) -> None:
         """An input that cannot be used: an error, or a counted skip with ``skip_bad``."""
@@ -129,7 +138,10 @@ class Writer:
         """Check ``src`` and write it as ``<class>/<split>/<defect>/<stem><ext>``; returns the
         written path and the image's (width, height), or None when skipped."""
         try:
-            img = _read(src)
+            img = _read(src, self.max_pixels)
+        except TooLarge as err:
+            self.bad(src, err.args[0], err.args[1].capitalize())
+            return None
         except DataError as err:
             self.bad(src, "unreadable image (corrupt or truncated)", "Replace it from the original download")
             log.debug("%s", err)
@@ -158,7 +170,10 @@ class Writer:
         merged = None
         for path in sources:
             try:
-                img = _read(path)
+                img = _read(path, self.max_pixels)
+            except TooLarge as err:
+                self.bad(path, err.args[0], err.args[1].capitalize())
+                return False
             except DataError:
                 self.bad(path, "unreadable mask (corrupt or truncated)", "Replace it from the original download")
                 return False

@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_modules.base import list_images
+from data_modules.io import list_images
 
 
 @dataclass(frozen=True)

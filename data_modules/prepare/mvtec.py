@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_modules.base import DataError, list_images
+from data_modules.io import list_images
 from data_modules.prepare.common import Writer, images_in, link_or_copy
+from data_modules.types import DataError
 
 
 def class_folders(source: Path, marker: str) -> list[Path]:

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_modules.base import DataError
 from data_modules.prepare.common import Writer, images_in
+from data_modules.types import DataError
 
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 

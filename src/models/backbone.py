@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from src.models.checkpoint import load_backbone_file
+from src.models.weight_formats import load_backbone_file
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from src.models.checkpoint import CheckpointError, ours_to_original, read_state_file
+from src.models.weight_formats import CheckpointError, ours_to_original, read_state_file
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def export_onnx(cfg: DictConfig) -> Path:
     """Export, check against the checkpoint, describe; returns the path of ``model.onnx``."""
     from dataclasses import asdict
 
-    from data_modules.base import AnomalyTransforms
+    from data_modules.dataset import AnomalyTransforms
     from src.build import build_module
     from src.checkpoints import load_weights, read_checkpoint
     from src.evaluation.report import expert_names
@@ -205,11 +205,12 @@ def export_onnx(cfg: DictConfig) -> Path:
     }
 
     images = check_images(cfg, datamodule)
-    loader = DataLoader(ImageFiles(images, transforms, Path("/"), None, *_segmenter_and_class(module, detector)),
+    loader = DataLoader(ImageFiles(images, transforms, Path("/"), None, *_segmenter_and_class(module, detector),
+                                   max_pixels=datamodule.max_pixels),
                         batch_size=cfg.export.batch_size, collate_fn=collate)
     checked = [r for r in score_with_checkpoint(module, calibration, loader) if "error" not in r]
     exported = {r["path"]: r for r in score_with_export(Detector(path, info=info), images, transforms, None,
-                                                          cfg.export.batch_size) if "error" not in r}
+                                                          cfg.export.batch_size, datamodule.max_pixels) if "error" not in r}
     exported = [exported[r["path"]] for r in checked]
     if not checked:
         raise ExportCheckError(f"no readable image to check the export with ({len(images)} given)")

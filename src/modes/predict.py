@@ -45,8 +45,10 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from data_modules.base import IMAGE_EXTENSIONS, AnomalyTransforms, DataError, collate_samples, open_image
 from data_modules.components import read_component_masks
+from data_modules.dataset import AnomalyTransforms, collate_samples
+from data_modules.io import DEFAULT_MAX_PIXELS, open_image, pixel_limit
+from data_modules.types import IMAGE_EXTENSIONS, DataError
 from src.build import build_module
 from src.checkpoints import load_weights, read_checkpoint
 from src.errors import ConfigError
@@ -83,9 +85,10 @@ class ImageFiles(Dataset):
     """
 
     def __init__(self, paths: list[Path], transforms: AnomalyTransforms, root: Path, mask_root: Path | None = None,
-                 segmenter: OnlineSegmenter | None = None, class_key: str | None = None) -> None:
+                 segmenter: OnlineSegmenter | None = None, class_key: str | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.paths, self.transforms, self.root, self.mask_root = paths, transforms, root, mask_root
-        self.segmenter, self.class_key = segmenter, class_key
+        self.segmenter, self.class_key, self.max_pixels = segmenter, class_key, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -93,7 +96,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
         try:
-            img = open_image(path)
+            img = open_image(path, max_pixels=self.max_pixels)
             item = {"path": str(path), "image": self.transforms.image(img), "display": self.transforms.display(img),
                     "class_key": self.class_key, "class_margin": None, "masks_from": "none"}
             masks = None
@@ -131,7 +134,8 @@ def collate(items: list[dict]) -> dict:
     return {**collate_samples(readable), **info, "errors": errors}
 
 
-def choose_segmenter(module, settings, device) -> tuple[OnlineSegmenter | None, str | None]:
+def choose_segmenter(module, settings, device, max_pixels: int = DEFAULT_MAX_PIXELS
+                     ) -> tuple[OnlineSegmenter | None, str | None]:
     """The on-the-fly segmenter of a model with component experts, or None and the note saying
     how its images are scored instead."""
     if module.net.num_experts[2] == 0 or settings.get("component_masks"):
@@ -140,7 +144,7 @@ def choose_segmenter(module, settings, device) -> tuple[OnlineSegmenter | None, 
         return None, ("the checkpoint holds no part prototypes (an original-format checkpoint, or a model trained on "
                       "masks that mode=segment did not compute): images are scored without component masks, against "
                       "statistics of normal images scored without masks")
-    segmenter = OnlineSegmenter(module.segmentation, module.net.encoder, str(device))
+    segmenter = OnlineSegmenter(module.segmentation, module.net.encoder, str(device), max_pixels)
     if not segmenter.available:
         return None, (f"images cannot be segmented ({segmenter.reason}): they are scored without component masks, "
                       "against statistics of normal images scored without masks")
@@ -175,7 +179,7 @@ def score_with_checkpoint(module, calibration, loader: DataLoader, group_maps: b
 
 
 def score_with_export(detector, paths: list[Path], transforms: AnomalyTransforms, class_key: str | None,
-                      batch_size: int) -> Iterator[dict]:
+                      batch_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[dict]:
     """The same records from an exported model (:class:`src.inference.Detector`)."""
     stats = {k: NormalStatistics(**v) for k, v in detector.info["statistics"].items()}
     masks_from = "computed" if detector.segment_size else "none"
@@ -183,7 +187,7 @@ def score_with_export(detector, paths: list[Path], transforms: AnomalyTransforms
         images, readable = [], []
         for path in paths[start : start + batch_size]:
             try:
-                images.append(open_image(path))
+                images.append(open_image(path, max_pixels=max_pixels))
                 readable.append(path)
             except (DataError, OSError, ValueError) as err:
                 yield {"path": str(path), "error": str(err)}
@@ -216,7 +220,7 @@ def run(cfg: DictConfig) -> float | None:
     module.to(device).eval()
 
     mask_root = Path(settings.component_masks).expanduser() if settings.get("component_masks") else None
-    segmenter, segment_note = choose_segmenter(module, settings, device)
+    segmenter, segment_note = choose_segmenter(module, settings, device, datamodule.max_pixels)
     unmasked = module.net.num_experts[2] > 0 and segmenter is None and mask_root is None
     source = "checkpoint"
     if module.calibration is None or (unmasked and module.calibration.unmasked is None):
@@ -247,7 +251,7 @@ def run(cfg: DictConfig) -> float | None:
 
     writer = open_writer(out, root, checkpoint.path, settings)  # after every check: an unfinished folder could run
     transforms = getattr(datamodule, "transforms", None) or AnomalyTransforms()
-    dataset = ImageFiles(writer.todo(images), transforms, root, mask_root, segmenter, class_key)
+    dataset = ImageFiles(writer.todo(images), transforms, root, mask_root, segmenter, class_key, datamodule.max_pixels)
     loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate)
     records = score_with_checkpoint(module, calibration, loader, bool(settings.get("save_group_maps")))
     header = {"checkpoint": str(checkpoint.path), "checkpoint_format": checkpoint.kind,
@@ -278,7 +282,8 @@ def run_exported(cfg: DictConfig, images: list[Path], others: list[Path], root: 
     pre = info["preprocessing"]
     transforms = AnomalyTransforms(pre["resize"], pre["crop"])
     writer = open_writer(out, root, Path(cfg.ckpt_path), settings)
-    records = score_with_export(detector, writer.todo(images), transforms, settings.class_key, settings.batch_size)
+    records = score_with_export(detector, writer.todo(images), transforms, settings.class_key, settings.batch_size,
+                                pixel_limit(cfg.dataset.get("max_image_pixels")))
     stats = {k: NormalStatistics(**v) for k, v in info["statistics"].items()}
     chosen = "chosen per image" if detector.segment_size else (info["class_keys"][0] if len(info["class_keys"]) == 1
                                                                 else POOLED)

@@ -16,9 +16,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from data_modules.base import DataError
-from data_modules.multi import AnomalyDataModule
+from data_modules.datamodule import AnomalyDataModule
 from data_modules.prepare import prepare_dataset
+from data_modules.types import DataError
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +26,11 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> float | None:
     datamodule: AnomalyDataModule = hydra.utils.instantiate(cfg.dataset)
     report, failed = {}, {}
-    for name, module in datamodule.modules.items():
+    for name, module in datamodule.sources.items():
         source = datamodule.download_dirs.get(name)
         convert = getattr(module, "convert", None)
         if module.reads_source:  # read in place: nothing to convert, only checked
-            module.check_samples("fit")
+            datamodule.check_samples("fit", {name: module})
             counts = {split: len(module.samples(split)) for split in ("train", "test")}
             report[name] = {"root": str(module.root), "status": "read in place, checked", "counts": counts}
             print(f"{name}: {module.root} is read in place (nothing to prepare); checked {counts['train']} training "
@@ -40,10 +40,10 @@ def run(cfg: DictConfig) -> float | None:
             if convert is None:  # generated data (demo): make it, then check it
                 module.prepare_data()
             result = prepare_dataset(name, module.root, source, convert, getattr(module, "format", name),
-                                     skip_bad=datamodule.skip_bad)
+                                     skip_bad=datamodule.skip_bad, max_pixels=datamodule.max_pixels)
             module.class_names()  # the configured classes exist
         except DataError as err:
-            if len(datamodule.modules) == 1:
+            if len(datamodule.sources) == 1:
                 raise
             failed[name] = str(err)  # the other datasets are still prepared
             log.error("%s: %s", name, err)
@@ -64,6 +64,6 @@ def run(cfg: DictConfig) -> float | None:
     warnings = sum(len(r.get("warnings", [])) for r in report.values())
     log.info("Prepared %d dataset(s), %d warning(s); summary in %s", len(report), warnings, out / "prepare.json")
     if failed:
-        raise DataError(f"{len(failed)} of {len(datamodule.modules)} datasets could not be prepared:\n"
+        raise DataError(f"{len(failed)} of {len(datamodule.sources)} datasets could not be prepared:\n"
                         + "\n".join(f"  {name}: {error}" for name, error in failed.items()))
     return None

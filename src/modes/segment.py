@@ -18,9 +18,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from data_modules.datamodule import AnomalyDataModule
+from data_modules.sources import Source
+from data_modules.types import DataError
+from src.segment.cache import MANIFEST
 from src.segment.parts import BackgroundRule
 from src.segment.refine import RefineSettings
-from src.segment.cache import MANIFEST
 from src.segment.runner import SegmentReport, part_iou, segment_dataset
 
 log = logging.getLogger(__name__)
@@ -73,22 +76,20 @@ def format_report(report: SegmentReport, ious: dict | None) -> str:
     return "\n".join(lines)
 
 
-def output_folders(cfg: DictConfig, datamodule) -> dict[str, tuple[object, Path]]:
-    """``{dataset: (its datamodule, the folder its masks go to)}``: ``segment.output`` for a
+def output_folders(cfg: DictConfig, datamodule: AnomalyDataModule) -> dict[str, tuple[Source, Path]]:
+    """``{dataset: (its source, the folder its masks go to)}``: ``segment.output`` for a
     single dataset, otherwise where each dataset's training reads its masks
     (``component_folder``: its ``component_masks``; the demo's true masks are kept, see
-    :class:`data_modules.demo.DemoDataModule`)."""
-    from data_modules.base import DataError
-
-    modules = getattr(datamodule, "modules", None) or {datamodule.name: datamodule}
+    :class:`data_modules.sources.demo.DemoSource`)."""
+    sources = datamodule.sources
     if cfg.segment.get("output"):
-        if len(modules) > 1:
-            raise DataError(f"segment.output is one folder but there are several datasets ({', '.join(modules)}): leave "
+        if len(sources) > 1:
+            raise DataError(f"segment.output is one folder but there are several datasets ({', '.join(sources)}): leave "
                             "it null to write each to its dataset.sources.<name>.component_masks folder")
-        (name, module), = modules.items()
+        (name, module), = sources.items()
         return {name: (module, Path(cfg.segment.output).expanduser())}
     folders = {}
-    for name, module in modules.items():
+    for name, module in sources.items():
         if module.component_folder is None:
             raise DataError(f"dataset {name} has no component_masks folder to write to: set segment.output=<folder> "
                             f"or dataset.sources.{name}.component_masks=<folder>")
@@ -96,7 +97,7 @@ def output_folders(cfg: DictConfig, datamodule) -> dict[str, tuple[object, Path]
     return folders
 
 
-def segment_datasets(cfg: DictConfig, datamodule, encoder=None, first_use: bool = False) -> dict:
+def segment_datasets(cfg: DictConfig, datamodule: AnomalyDataModule, encoder=None, first_use: bool = False) -> dict:
     """Segment every image of ``datamodule``'s datasets into their folders (:func:`output_folders`);
     ``first_use`` (``segment.on_first_use``): only the folders that training reads its masks from,
     when they do not exist yet or are a segmentation cache (kept current: only what changed is
@@ -104,15 +105,13 @@ def segment_datasets(cfg: DictConfig, datamodule, encoder=None, first_use: bool 
     mode=segment would write elsewhere), nor a user's own folder of images, which trains without
     parts unless segmented on purpose.
     Returns ``{dataset: summary}`` (output, route, classes, IoU against ``segment.truth``)."""
-    from data_modules.base import DataError
-
     s = cfg.segment
     folders = output_folders(cfg, datamodule)
     if first_use:  # only the folders training reads its masks from
         folders = {name: (module, output) for name, (module, output) in folders.items()
                    if module.component_root is not None and output.resolve() == module.component_root.resolve()
                    and (not output.exists() or any(output.glob(f"*/{MANIFEST}")))
-                   and not getattr(module, "components_optional", False)}
+                   and not module.components_optional}
     if not folders:
         return {}
     # A relative segment.truth is inside each dataset's root.
@@ -132,12 +131,13 @@ def segment_datasets(cfg: DictConfig, datamodule, encoder=None, first_use: bool 
     unknown = sorted(set(k_per_class) - set().union(*classes.values()))
     if unknown:  # e.g. an experiment's settings for classes of another dataset
         log.warning("segment.k_per_class names class(es) %s that %s does not have (classes: %s): ignored", unknown,
-                    getattr(datamodule, "name", "the dataset"), sorted(set().union(*classes.values())))
+                    datamodule.name, sorted(set().union(*classes.values())))
     summary = {}
     for name, (module, output) in folders.items():
         report = segment_dataset(
             module, segmenter, output, int(s.k), {c: k for c, k in k_per_class.items() if c in classes[name]},
             int(s.image_size), BackgroundRule(**OmegaConf.to_container(s.background, resolve=True)), list(s.splits),
+            datamodule.max_pixels,
         )
         truth = truths[name]
         ious = part_iou(output, truth, module, list(s.splits)) if truth is not None and truth.is_dir() else None

@@ -20,7 +20,7 @@ def segment_missing_test_masks(module, datamodule) -> None:
     folders = datamodule.component_class_folders() if hasattr(datamodule, "component_class_folders") else None
     if module.segmentation is None or not folders or module.net.num_experts[2] == 0:
         return
-    segmenter = OnlineSegmenter(module.segmentation, module.net.encoder)
+    segmenter = OnlineSegmenter(module.segmentation, module.net.encoder, max_pixels=datamodule.max_pixels)
     if not segmenter.available:
         log.info("Test images without cached component masks cannot be segmented: %s", segmenter.reason)
         return

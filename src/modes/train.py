@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from src.build import build_components, require_component_masks
 from src.checkpoints import load_weights, read_checkpoint
 from src.errors import ConfigError
-from src.models.checkpoint import CheckpointError
+from src.models.weight_formats import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from data_modules.base import IMAGENET_MEAN, IMAGENET_STD
+from data_modules.types import IMAGENET_MEAN, IMAGENET_STD
 from src.models.backbone import DinoV2Backbone
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from data_modules.io import DEFAULT_MAX_PIXELS
 from src.segment import cache
 from src.segment.parts import Prototypes
 from src.segment.refine import RefineSettings
@@ -116,10 +117,11 @@ class ClassChoice:
 class OnlineSegmenter:
     """Segments new images like ``mode=segment`` segmented the training and test images."""
 
-    def __init__(self, parts: PartSegmentation, encoder=None, device: str = "cpu") -> None:
+    def __init__(self, parts: PartSegmentation, encoder=None, device: str = "cpu",
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         from src.segment.cluster import ClusterSegmenter
 
-        self.parts = parts
+        self.parts, self.max_pixels = parts, max_pixels
         features, self.reason = _features(parts.params, encoder, device)
         self.segmenter = None
         if features is not None:
@@ -153,7 +155,7 @@ class OnlineSegmenter:
         from src.segment.runner import load_for_segmentation, resize_masks
 
         assert self.segmenter is not None, self.reason
-        image, size = load_for_segmentation(path, self.image_size)
+        image, size = load_for_segmentation(path, self.image_size, self.max_pixels)
         grid = self.segmenter.features(image)
         if class_key is None:
             choice = self.choose_class(grid, candidates)

@@ -16,8 +16,10 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor
 
-from data_modules.base import DataError, Sample, SourceDataModule, open_image
 from data_modules.components import component_path, read_component_masks, save_component_masks
+from data_modules.io import DEFAULT_MAX_PIXELS, open_image
+from data_modules.sources.base import Source
+from data_modules.types import DataError, Sample
 from src.segment import cache
 from src.segment.parts import BackgroundRule, Prototypes
 
@@ -59,9 +61,9 @@ class SegmentReport:
         return sum(c.computed for c in self.classes)
 
 
-def load_for_segmentation(path: Path, size: int) -> tuple[Tensor, tuple[int, int]]:
+def load_for_segmentation(path: Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Tensor, tuple[int, int]]:
     """(3, size, size) image in [0, 1] (square resize, like the data pipeline) and its (H, W)."""
-    img = open_image(path)
+    img = open_image(path, max_pixels=max_pixels)
     return TF.to_tensor(img.resize((size, size), Image.BILINEAR)), (img.height, img.width)
 
 
@@ -92,8 +94,10 @@ def segment_class(
     k: int,
     image_size: int,
     rule: BackgroundRule,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ClassReport:
-    """Masks of one class's ``samples`` (training and test) into ``class_dir``, reusing what is current."""
+    """Masks of one class's ``samples`` (training and test) into ``class_dir``, reusing what is
+    current; images above ``max_pixels`` are refused."""
     start = time.perf_counter()
     class_name = samples[0].class_name
     train = [s for s in samples if s.split == "train"]
@@ -130,7 +134,7 @@ def segment_class(
     train_masks: dict[str, Tensor] = {}
     if refit is not None:
         log.info("%s: fitting %d part prototypes on %d training images (%s)", class_name, k, len(train), refit)
-        images = [load_for_segmentation(s.image_path, image_size)[0] for s in train]
+        images = [load_for_segmentation(s.image_path, image_size, max_pixels)[0] for s in train]
         prototypes = segmenter.fit(images, k)
         for s, image in zip(train, images):
             train_masks[cache_name(s)] = segmenter.segment(prototypes, image)
@@ -150,7 +154,7 @@ def segment_class(
         if refit is None and cache.entry_is_current(class_dir, entries.get(rel), hashes[rel]):
             continue
         masks = train_masks.get(rel)
-        image, size = load_for_segmentation(s.image_path, image_size)
+        image, size = load_for_segmentation(s.image_path, image_size, max_pixels)
         if masks is None:
             masks = segmenter.segment(prototypes, image)
         save_component_masks(class_dir / files[rel], resize_masks(masks[kept], size))
@@ -170,7 +174,7 @@ def segment_class(
 
 
 def segment_dataset(
-    datamodule: SourceDataModule,
+    source: Source,
     segmenter: Segmenter,
     output: Path,
     k: int,
@@ -178,11 +182,12 @@ def segment_dataset(
     image_size: int = 448,
     rule: BackgroundRule | None = None,
     splits: Sequence[str] = ("train", "test"),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> SegmentReport:
-    """Masks of every image of ``datamodule`` (every class, ``splits``) under ``output``."""
+    """Masks of every image of ``source`` (every class, ``splits``) under ``output``."""
     k_per_class = dict(k_per_class or {})
-    datamodule.prepare_data()
-    names = datamodule.class_names()
+    source.prepare_data()
+    names = source.class_names()
     unknown = sorted(set(k_per_class) - set(names))
     if unknown:
         log.warning("segment.k_per_class names class(es) %s that this dataset does not have (classes: %s): ignored",
@@ -191,23 +196,23 @@ def segment_dataset(
         raise ValueError(f"segment.splits={list(splits)} must include train: prototypes are fitted on it")
     report = SegmentReport(Path(output))
     for class_name in names:
-        samples = [s for split in splits for s in datamodule.list_samples(class_name, split)]
+        samples = [s for split in splits for s in source.list_samples(class_name, split)]
         with torch.inference_mode():
             result = segment_class(segmenter, samples, Path(output) / class_name, int(k_per_class.get(class_name, k)),
-                                   image_size, rule or BackgroundRule())
+                                   image_size, rule or BackgroundRule(), max_pixels)
         report.classes.append(result)
         log.info("%s: %d images, %d computed, %d from the cache, %.1f s", class_name, result.images,
                  result.computed, result.reused, result.seconds)
     return report
 
 
-def part_iou(output: Path, truth: Path, datamodule: SourceDataModule, splits: Sequence[str] = ("train", "test")) -> dict:
+def part_iou(output: Path, truth: Path, source: Source, splits: Sequence[str] = ("train", "test")) -> dict:
     """Mean best-match IoU per class: for every true part present in an image, the best IoU
     with any produced mask of that image. Classes without true parts are reported with None."""
     result = {}
-    for class_name in datamodule.class_names():
+    for class_name in source.class_names():
         ious, masks_per_image, true_parts = [], [], 0
-        for s in (s for split in splits for s in datamodule.list_samples(class_name, split)):
+        for s in (s for split in splits for s in source.list_samples(class_name, split)):
             def read(root: Path) -> np.ndarray:
                 return read_component_masks(component_path(root, s.class_name, s.split, s.defect_type, s.image_path.stem))
             true, pred = read(truth), read(output)

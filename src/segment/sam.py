@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from src.models.checkpoint import load_file
+from src.models.weight_formats import load_file
 from src.segment.features import DenseFeatures, state_fingerprint
 from src.segment.parts import Prototypes, fit_prototypes
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_modules.base import IMAGE_EXTENSIONS, DataError, Sample, SourceDataModule
+from data_modules.sources.base import Source
+from data_modules.types import IMAGE_EXTENSIONS, DataError, Sample
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def held_out(count: int, fraction: float, seed: int) -> set[int]:
     return set(np.random.default_rng(seed).permutation(count)[:take].tolist())
 
 
-class FolderDataModule(SourceDataModule):
+class FolderSource(Source):
     """A user's folder of images (module docstring).
 
     Args:

@@ -1,4 +1,5 @@
-"""Foreign checkpoint formats -> our model, with strict key and shape checks.
+"""Weights in other formats than our own run checkpoints (those are :mod:`src.checkpoints`)
+-> our model, with strict key and shape checks.
 
 Formats handled (each through exactly one mapping function):
 

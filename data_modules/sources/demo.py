@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_modules.base import SourceDataModule
 from data_modules.components import component_path, save_component_masks
+from data_modules.sources.base import Source
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def generate_demo_dataset(
     return True
 
 
-class DemoDataModule(SourceDataModule):
+class DemoSource(Source):
     """The demo dataset; generated on first use (``prepare_data``) under ``root``."""
 
     def __init__(
