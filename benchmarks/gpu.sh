@@ -33,6 +33,7 @@ OUT="${GPU_BENCH_OUT:-logs/gpu_bench/$(date -u +%Y-%m-%d_%H-%M-%S)}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # benchmarks/*.py import this checkout's src/
 
 if [[ "$DRY_RUN" == 1 ]]; then
   NAME=gpu_dry_run

@@ -7,19 +7,10 @@ from functools import partial
 import pytest
 import torch
 
-from benchmarks.model_speed import (
-    DETAILED_HEADER,
-    INFERENCE_STEPS,
-    STRUCTURES,
-    BenchmarkSettings,
-    append_detailed_rows,
-    append_to_benchmarks,
-    format_report,
-    make_batch,
-    run_benchmark,
-    time_training,
-)
-from benchmarks.original_structure import ORIGINAL_OPTIONS, ORIGINAL_STEP, OriginalStructure
+from src.measure.model_speed import INFERENCE_STEPS, STRUCTURES, BenchmarkSettings, make_batch, run_benchmark
+from src.measure.original_structure import ORIGINAL_OPTIONS, ORIGINAL_STEP, OriginalStructure
+from src.measure.report import DETAILED_HEADER, append_detailed_rows, append_to_benchmarks, format_report
+from src.measure.training_step import time_training
 from src.models.anomalymoe import AnomalyMoE
 from src.modes.benchmark import settings_from_config
 from src.optim import StableAdamW

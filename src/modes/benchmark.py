@@ -1,6 +1,6 @@
 """mode=benchmark: our model against the original's computation structure (speed, memory).
 
-The measuring code lives in ``benchmarks/model_speed.py``; this mode builds the configured model
+The measuring code lives in :mod:`src.measure`; this mode builds the configured model
 (random backbone weights: timing does not depend on them, and nothing is downloaded), runs the
 preset's variants (``benchmark.variants``: e.g. fp32 and bf16, with and without compiled
 experts) one after the other, prints the reports and appends dated rows to ``benchmark.file``.
@@ -16,6 +16,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from src.measure.model_speed import BenchmarkSettings, run_benchmark
+from src.measure.report import append_detailed_rows, append_to_benchmarks, format_report, ratios
 from src.models.anomalymoe import AnomalyMoE
 
 log = logging.getLogger(__name__)
@@ -26,8 +28,6 @@ TABLES = ("summary", "detailed")
 def settings_from_config(bench: dict) -> list:
     """One ``BenchmarkSettings`` per entry of ``variants`` (each overrides the preset's values),
     or the preset itself without variants."""
-    from benchmarks.model_speed import BenchmarkSettings
-
     names = {f.name for f in dataclasses.fields(BenchmarkSettings)}
     base = {k: (tuple(v) if isinstance(v, list) else v) for k, v in bench.items() if k in names}
     variants = bench.get("variants") or [{}]
@@ -40,8 +40,6 @@ def settings_from_config(bench: dict) -> list:
 
 
 def run(cfg: DictConfig) -> float | None:
-    from benchmarks.model_speed import append_detailed_rows, append_to_benchmarks, format_report, ratios, run_benchmark
-
     bench = OmegaConf.to_container(cfg.benchmark, resolve=True)
     table = bench.get("table", "summary")
     if table not in TABLES:
