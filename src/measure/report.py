@@ -85,10 +85,10 @@ def format_report(results: dict) -> str:
 
 SUMMARY_SECTION = "## Model speed"
 SUMMARY_INTRO = (
-    "Rows appended by `python run.py mode=benchmark benchmark=<name>` (see `conf/benchmark/`). Speedups and "
-    "memory ratios compare our model with the original's computation structure (dense experts, two encoder "
-    "passes, an extra estimator forward per training step) in one process, same weights and inputs. Memory is "
-    "the peak above the resident weights and inputs."
+    "Rows appended by `python run.py mode=benchmark benchmark=<name> benchmark.write=true` (see "
+    "`conf/benchmark/`). Speedups and memory ratios compare our model with the original's computation structure "
+    "(dense experts, two encoder passes, an extra estimator forward per training step) in one process, same "
+    "weights and inputs. Memory is the peak above the resident weights and inputs."
 )
 SUMMARY_HEADER = (
     "| date | benchmark | device | precision | train speedup | infer speedup b1 | infer speedup b8 | "
