@@ -14,18 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from src.evaluation.calibration import NormalStatistics  # noqa: E402
-from src.evaluation.evaluator import AnomalyEvaluator  # noqa: E402
-from src.models.anomalymoe import MoEPrediction  # noqa: E402
+from src.evaluation.calibration import NormalStatistics
+from src.evaluation.evaluator import AnomalyEvaluator
+from src.models.anomalymoe import MoEPrediction
 
 
 def peak_mib() -> float:

@@ -33,6 +33,7 @@ OUT="${GPU_BENCH_OUT:-logs/gpu_bench/$(date -u +%Y-%m-%d_%H-%M-%S)}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # benchmarks/*.py import this checkout's src/
 
 if [[ "$DRY_RUN" == 1 ]]; then
   NAME=gpu_dry_run
@@ -73,7 +74,8 @@ failed() {  # failed <measurement> <exit status> <log>
 }
 
 # 1. Speed and memory, every variant of conf/benchmark/gpu.yaml in one process (rows per variant).
-timeout -k 10 "${GPU_BENCH_LIMIT_S:-300}" "$PYTHON" run.py mode=benchmark benchmark=gpu benchmark.name="$NAME" benchmark.file="$FILE" \
+timeout -k 10 "${GPU_BENCH_LIMIT_S:-300}" "$PYTHON" run.py mode=benchmark benchmark=gpu benchmark.name="$NAME" \
+  benchmark.write=true benchmark.file="$FILE" \
   "${BENCH[@]}" hydra.run.dir="$OUT/benchmark" || failed "mode=benchmark benchmark=gpu" $? "$OUT/benchmark/run.log"
 
 # 2. and 3. A short training run of the model through the real entry point, then mode=test on it.

@@ -21,18 +21,9 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.model_speed import DETAILED_HEADER, DETAILED_INTRO, DETAILED_SECTION, append_row, detailed_row  # noqa: E402
-
-
-def _device() -> str:
-    import torch
-
-    from benchmarks.model_speed import describe_device
-
-    return describe_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+from src.measure.markdown import append_row
+from src.measure.report import DETAILED_HEADER, DETAILED_INTRO, DETAILED_SECTION, detailed_row
+from src.measure.timing import describe_device, measuring_device
 
 
 def training_losses(train_dir: Path) -> list[float]:
@@ -110,7 +101,8 @@ def main() -> None:
         measurement, args.batch = "benchmarks/gpu.sh, all steps", ""
     if problems:
         notes = "FAILED: " + "; ".join(problems) + ". " + notes
-    row = detailed_row(args.benchmark, _device(), args.precision, "no", measurement, args.batch, None, None,
+    device = describe_device(measuring_device("auto"))
+    row = detailed_row(args.benchmark, device, args.precision, "no", measurement, args.batch, None, None,
                        notes.replace("|", "/"))
     append_row(args.file, DETAILED_SECTION, DETAILED_INTRO, DETAILED_HEADER, row)
     print(row)

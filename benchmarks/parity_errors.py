@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # the figures of tests/test_parity.py, from its own helpers: tests/ is not installed
 
 
 def main() -> None:

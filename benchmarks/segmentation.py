@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_modules.sources.demo import _widget  # noqa: E402
-from src.models.backbone import DinoV2Backbone  # noqa: E402
-from src.segment.cluster import ClusterSegmenter  # noqa: E402
-from src.segment.features import BackboneFeatures, ColorFeatures  # noqa: E402
+from data_modules.sources.demo import _widget
+from src.models.backbone import DinoV2Backbone
+from src.segment.cluster import ClusterSegmenter
+from src.segment.features import BackboneFeatures, ColorFeatures
 
 TINY = {"embed_dim": 64, "num_heads": 2, "init_values": 1.0}  # the demo model's backbone (conf/model/tiny.yaml)
 SETTINGS = {

@@ -1,7 +1,7 @@
 """Training-step time of our model against the original's step, measured in interleaved rounds.
 
 Three variants of one configuration (``conf/benchmark/<preset>.yaml``'s model, random weights),
-each a real ``lightning.Trainer`` step of :mod:`benchmarks.model_speed`:
+each a real ``lightning.Trainer`` step (:mod:`src.measure.training_step`):
 
 * ``original``: the original's computation structure (dense experts, two encoder passes,
   whole-image students) and its step (``module.estimator_update=second_forward``);
@@ -28,7 +28,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from benchmarks.model_speed import OURS_ORIGINAL_STEP, STRUCTURES, make_batch, time_training
+from src.measure.model_speed import OURS_ORIGINAL_STEP, STRUCTURES, make_batch
+from src.measure.training_step import time_training
 
 ROOT = Path(__file__).resolve().parents[1]
 SECOND_FORWARD = "ours, original's estimator step"

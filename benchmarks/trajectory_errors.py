@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # the figures of tests/test_trajectory.py, from its own helpers: tests/ is not installed
 
 NAMES = ("lr", "patch", "global", "component", "esb", "eir", "loss", "estimator", "grad_norm", "estimator_grad_norm")
 SETTINGS = (("second_forward", "original"), ("second_forward", "per_group"), ("same_forward", "original"))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,11 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.data_loading import natural_image  # noqa: E402
-from data_modules.components import save_component_masks  # noqa: E402
-from data_modules.datamodule import AnomalyDataModule  # noqa: E402
+from data_modules.components import save_component_masks
+from data_modules.datamodule import AnomalyDataModule
+from src.measure.images import natural_image
 
 
 def write_dataset(root: Path, count: int, components: Path | None) -> None:

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.checkpoints import apply_checkpoint_config, find_resume_checkpoint, read_checkpoint
 from src.config_checks import prepare_run
+from src.console import quiet_lightning
 from src.errors import ConfigError, user_error
 from src.loggers import multirun_name
 from src.prediction_writer import unfinished_prediction
@@ -123,11 +124,13 @@ def save_config(cfg: DictConfig) -> None:
 
 
 def run_task(cfg: DictConfig) -> float | None:
-    """Check, take the run folder, seed, save the config, run ``src.modes.<mode>.run(cfg)``.
+    """Check, take the run folder, seed, save the config, run ``src.modes.<mode>.run(cfg)``
+    (Lightning's console lines once, without its product tips: :mod:`src.console`).
 
     Returns the mode's metric. SIGTERM during training (after ``interrupted.ckpt`` is written)
     ends the process with exit code 143, so a scheduler sees that the job did not finish.
     """
+    quiet_lightning()
     if cfg.mode not in available_modes():
         raise ConfigError(f"mode={cfg.mode!r} is not one of {available_modes()}")
     if cfg.mode in READING_MODES:

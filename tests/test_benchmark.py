@@ -1,30 +1,25 @@
-"""The benchmark harness: both structures run, agree, and rows land in BENCHMARKS.md."""
+"""The benchmark harness: both structures run and agree; mode=benchmark reports to its run folder and
+appends rows to BENCHMARKS.md only when asked (``benchmark.write=true``)."""
 
 from __future__ import annotations
 
+import json
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.model_speed import (
-    DETAILED_HEADER,
-    INFERENCE_STEPS,
-    STRUCTURES,
-    BenchmarkSettings,
-    append_detailed_rows,
-    append_to_benchmarks,
-    format_report,
-    make_batch,
-    run_benchmark,
-    time_training,
-)
-from benchmarks.original_structure import ORIGINAL_OPTIONS, ORIGINAL_STEP, OriginalStructure
+from src.measure.model_speed import INFERENCE_STEPS, STRUCTURES, BenchmarkSettings, make_batch, run_benchmark
+from src.measure.original_structure import ORIGINAL_OPTIONS, ORIGINAL_STEP, OriginalStructure
+from src.measure.report import DETAILED_HEADER, append_detailed_rows, append_to_benchmarks, format_report
+from src.measure.training_step import time_training
+from src.entry import run_task
 from src.models.anomalymoe import AnomalyMoE
 from src.modes.benchmark import settings_from_config
 from src.optim import StableAdamW
 from src.module import AnomalyMoEModule
-from tests.conftest import tiny_backbone
+from tests.conftest import ROOT, compose_cfg, tiny_backbone
 
 TINY = dict(num_patch_experts=2, num_global_experts=2, num_component_experts=2, top_k=2, ae_channels=4,
             student_channels=(8, 16), gate_hidden=16)
@@ -127,3 +122,39 @@ def test_variants_override_the_preset_and_unknown_keys_are_refused():
         settings_from_config({"variants": [{"precison": "bf16"}]})
     with pytest.raises(ValueError, match="benchmark.structures"):
         settings_from_config({"structures": ["fast"]})
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "conf" / "benchmark").glob("*.yaml")))
+def test_presets_append_to_benchmarks_md_only_when_asked(preset):
+    bench = compose_cfg(["mode=benchmark", f"benchmark={preset}"]).benchmark
+    assert bench.write is False
+    assert Path(bench.file).resolve() == (ROOT / "BENCHMARKS.md").resolve()  # where benchmark.write=true appends
+
+
+# mode=benchmark at the smallest size: the tiny model, one batch size, one timed call each.
+TINY_RUN = ["mode=benchmark", "model=tiny", "~benchmark.model", "benchmark.device=cpu", "benchmark.image_size=28",
+            "benchmark.infer_batch_sizes=[2]", "benchmark.train_batch_size=2", "benchmark.warmup=0",
+            "benchmark.iterations=1", "benchmark.expert_scaling=[]", "benchmark.inference_steps=false",
+            "benchmark.training_steps=false"]
+
+
+@pytest.mark.slow
+def test_mode_benchmark_reports_to_its_run_folder_and_appends_only_when_asked(tmp_path):
+    tracked = (ROOT / "BENCHMARKS.md").read_text()
+    copy = tmp_path / "BENCHMARKS.md"  # benchmark.file: the tests never write the project's file
+    copy.write_text(tracked)
+
+    run_task(compose_cfg([*TINY_RUN, f"benchmark.file={copy}", f"paths.output_dir={tmp_path / 'plain'}"]))
+    assert copy.read_text() == tracked
+    report = (tmp_path / "plain" / "benchmark.md").read_text()
+    assert report.startswith("Benchmark `cpu_small` on CPU") and "| ours |" in report and "| original |" in report
+    assert json.loads((tmp_path / "plain" / "benchmark.json").read_text())["report"].strip() == report.strip()
+
+    run_task(compose_cfg([*TINY_RUN, f"benchmark.file={copy}", f"paths.output_dir={tmp_path / 'written'}",
+                          "benchmark.write=true"]))
+    added = [line for line in copy.read_text().splitlines() if line not in tracked.splitlines()]
+    assert len(added) == 1 and "| cpu_small | CPU (" in added[0]
+    section = copy.read_text().split("## Model speed")[1].split("\n## ")[0]
+    assert added[0] in section
+    assert (tmp_path / "written" / "benchmark.md").is_file()
+    assert (ROOT / "BENCHMARKS.md").read_text() == tracked

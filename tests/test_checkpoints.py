@@ -38,7 +38,7 @@ def train_overrides(root: Path, output_dir: Path, *extra: str) -> list[str]:
     return [*small_demo_overrides(root), "dataset.batch_size=4", "dataset.jitter=0", "trainer.max_steps=7",
             "callbacks.model_checkpoint.every_n_train_steps=3", "module.scheduler.warmup_steps=2",
             "trainer.log_every_n_steps=1", "evaluation.calibration.images_per_class=4",
-            "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+            "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
             f"paths.output_dir={output_dir}", *extra]
 
 

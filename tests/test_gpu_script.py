@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -51,10 +52,9 @@ def _metrics(run: Path, losses: list[float]) -> None:
 
 
 def _checks(monkeypatch, *argv: str) -> None:
-    from benchmarks import gpu_checks
-
+    """``python benchmarks/gpu_checks.py *argv`` in this process."""
     monkeypatch.setattr(sys, "argv", ["gpu_checks.py", *argv])
-    gpu_checks.main()
+    runpy.run_path(str(ROOT / "benchmarks" / "gpu_checks.py"), run_name="__main__")
 
 
 def test_training_check_passes_a_falling_finite_run_and_reports_a_flat_one(tmp_path, monkeypatch):

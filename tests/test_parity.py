@@ -13,9 +13,9 @@ import os
 import pytest
 import torch
 
-from benchmarks.original_structure import ORIGINAL_OPTIONS, OriginalStructure
 from src.evaluation.evaluator import AnomalyEvaluator
 from src.losses import Objective
+from src.measure.original_structure import ORIGINAL_OPTIONS, OriginalStructure
 from src.models.anomalymoe import AnomalyMoE
 from src.models.backbone import DinoV2Backbone
 from src.models.weight_formats import CheckpointError, check_and_load, check_expert_counts, original_to_ours

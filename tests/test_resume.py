@@ -33,7 +33,7 @@ def demo_overrides(root, output_dir, *extra: str) -> list[str]:
         "dataset.jitter=0",
         "dataset.image_size=56", "dataset.resize=64", "dataset.batch_size=4", "dataset.test_batch_size=8",
         "logger=none", f"paths.output_dir={output_dir}", "module.scheduler.warmup_steps=2",
-        "trainer.log_every_n_steps=1", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+        "trainer.log_every_n_steps=1", "+trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "~callbacks.progress_bar",  # run.py leaves it out itself (src.config_checks); these tests build directly
         *extra,
     ]

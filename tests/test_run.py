@@ -90,6 +90,16 @@ def test_demo_train_test_and_original_checkpoint(small_demo_root, tmp_path):
     for column in ("train/patch", "train/global", "train/component", "train/esb", "train/eir", "train/estimator"):
         assert column in metrics
 
+    # What a newcomer reads: each line once, no product tips, parts and parameters rather than a
+    # FLOPs count of 0, the backbone named by what it is (the demo's 64-dim ViT, not timm's ViT-B name).
+    console = proc.stdout + proc.stderr
+    assert "Tip" not in console and "litlogger" not in console and "TPU available" not in console
+    assert "FLOPs" not in console and console.count("`Trainer.fit` stopped") == 1
+    assert "| net.encoder | ViT of 12 blocks, 64 dims, 2 heads, 14 px patches, 4 registers" in console
+    assert "| net.patch_experts | 2 x PatchExpert |" in console and "| estimator | CLUBEstimator |" in console
+    assert ("Backbone (ViT of 12 blocks, 64 dims, 2 heads, 14 px patches, 4 registers, positions for 518 px, timm's "
+            "vit_base_patch14_reg4_dinov2 changed by model.backbone.arch_overrides) uses RANDOM weights") in console
+
     # The Lightning checkpoint reproduces the numbers.
     ckpt = train_dir / "checkpoints" / "last.ckpt"
     test_dir = tmp_path / "test"

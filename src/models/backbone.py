@@ -109,22 +109,35 @@ class DinoV2Backbone(nn.Module):
         self.depth = len(self.vit.blocks)
         self.interpolate_offset = interpolate_offset
         self.name = name
+        self.arch_overrides = overrides
         self._load_weights(weights)
         self.requires_grad_(False)
         self.eval()
 
+    @property
+    def architecture(self) -> str:
+        """The encoder as built, e.g. "ViT of 12 blocks, 64 dims, 2 heads, ..." (``arch_overrides``
+        change timm's architecture of ``name``, so the name alone may not describe it)."""
+        return (f"ViT of {self.depth} blocks, {self.embed_dim} dims, {self.vit.blocks[0].attn.num_heads} heads, "
+                f"{self.patch_size} px patches, {self.num_registers} registers, positions for "
+                f"{self.vit.patch_embed.img_size[0]} px")
+
+    def _origin(self) -> str:
+        return f"timm's {self.name}" + (" changed by model.backbone.arch_overrides" if self.arch_overrides else "")
+
     # ------------------------------------------------------------------ weights
     def _load_weights(self, weights: str) -> None:
         if weights == WEIGHTS_DEFERRED:
-            log.info("Backbone %s: weights will come from the model checkpoint.", self.name)
+            log.info("Backbone (%s, %s): weights will come from the model checkpoint.", self.architecture,
+                     self._origin())
             return
         if weights == WEIGHTS_RANDOM:
-            log.warning(
-                "Backbone %s uses RANDOM weights (model.backbone.weights=random). Features are "
-                "not pretrained; anomaly detection on real data will be poor. Set "
-                "model.backbone.weights=hub or a path to a DINOv2 checkpoint.",
-                self.name,
-            )
+            advice = (f"pretrained DINOv2 weights (model.backbone.weights=hub or a checkpoint path) fit {self.name} "
+                      "without arch_overrides" if self.arch_overrides else
+                      "set model.backbone.weights=hub or a path to a DINOv2 checkpoint")
+            log.warning("Backbone (%s, %s) uses RANDOM weights (model.backbone.weights=random). Its features are "
+                        "not pretrained, so anomaly detection on real data will be poor; %s.", self.architecture,
+                        self._origin(), advice)
             return
         if weights == WEIGHTS_HUB:
             self._load_from_hub()

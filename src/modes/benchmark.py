@@ -1,9 +1,11 @@
 """mode=benchmark: our model against the original's computation structure (speed, memory).
 
-The measuring code lives in ``benchmarks/model_speed.py``; this mode builds the configured model
+The measuring code lives in :mod:`src.measure`; this mode builds the configured model
 (random backbone weights: timing does not depend on them, and nothing is downloaded), runs the
 preset's variants (``benchmark.variants``: e.g. fp32 and bf16, with and without compiled
-experts) one after the other, prints the reports and appends dated rows to ``benchmark.file``.
+experts) one after the other, prints the reports and writes them to the run folder
+(``benchmark.md``, ``benchmark.json``, brought up to date after each variant). With
+``benchmark.write=true`` it also appends dated rows to ``benchmark.file`` (``BENCHMARKS.md``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from src.measure.model_speed import BenchmarkSettings, run_benchmark
+from src.measure.report import append_detailed_rows, append_to_benchmarks, format_report, ratios
 from src.models.anomalymoe import AnomalyMoE
 
 log = logging.getLogger(__name__)
@@ -26,8 +30,6 @@ TABLES = ("summary", "detailed")
 def settings_from_config(bench: dict) -> list:
     """One ``BenchmarkSettings`` per entry of ``variants`` (each overrides the preset's values),
     or the preset itself without variants."""
-    from benchmarks.model_speed import BenchmarkSettings
-
     names = {f.name for f in dataclasses.fields(BenchmarkSettings)}
     base = {k: (tuple(v) if isinstance(v, list) else v) for k, v in bench.items() if k in names}
     variants = bench.get("variants") or [{}]
@@ -40,8 +42,6 @@ def settings_from_config(bench: dict) -> list:
 
 
 def run(cfg: DictConfig) -> float | None:
-    from benchmarks.model_speed import append_detailed_rows, append_to_benchmarks, format_report, ratios, run_benchmark
-
     bench = OmegaConf.to_container(cfg.benchmark, resolve=True)
     table = bench.get("table", "summary")
     if table not in TABLES:
@@ -68,10 +68,12 @@ def run(cfg: DictConfig) -> float | None:
         report = format_report(results)
         print("\n" + report + "\n", flush=True)
         reports.append({"ratios": ratios(results), "report": report})
-        if bench.get("write", True):
+        # After every variant: a run stopped at its time limit keeps the reports of those that finished.
+        (out / "benchmark.md").write_text("\n\n".join(r["report"] for r in reports) + "\n")
+        (out / "benchmark.json").write_text(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+        if bench.get("write", False):
             (append_detailed_rows if table == "detailed" else append_to_benchmarks)(results, Path(bench["file"]))
             log.info("Appended rows to %s", bench["file"])
         metric = metric if metric is not None else ratios(results).get("inference_speedup_b8")
-    (out / "benchmark.md").write_text("\n\n".join(r["report"] for r in reports) + "\n")
-    (out / "benchmark.json").write_text(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+    log.info("Report written to %s and %s", out / "benchmark.md", out / "benchmark.json")
     return metric

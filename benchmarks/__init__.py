@@ -1,1 +1,0 @@
-"""Measurement scripts and the benchmark harness (speed, memory, parity margins); not imported by the model."""
