@@ -28,10 +28,11 @@ from src.measure.images import natural_image
 def write_dataset(root: Path, num_png: int, num_jpg: int) -> None:
     rng = np.random.default_rng(0)
     for name, count, size, ext in (("png_1024", num_png, (1024, 1024), "png"), ("jpg_1500", num_jpg, (1500, 1000), "JPG")):
-        folder = root / name / "train" / "good"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            natural_image(rng, *size).save(folder / f"{i:03d}.{ext}", quality=95)
+        for split, n in (("train", count), ("test", 1)):  # a class needs a test split to pass the checks
+            folder = root / name / split / "good"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                natural_image(rng, *size).save(folder / f"{i:03d}.{ext}", quality=95)
 
 
 def measure(root: Path, workers: int, batches: int, warmup: int, batch_size: int) -> dict:

@@ -146,7 +146,7 @@ def segment_class(
         kept = list(manifest["parts"]["kept"])
         dropped = {int(c): why for c, why in manifest["parts"]["dropped"].items()}
         entries = dict(manifest["images"])
-    log.info("%s: kept part slots %s of %d; dropped %s", class_name, kept, k, dropped or "none")
+    log.debug("%s: kept part slots %s of %d; dropped %s", class_name, kept, k, dropped or "none")
 
     computed = 0
     for s in samples:
@@ -201,7 +201,7 @@ def segment_dataset(
             result = segment_class(segmenter, samples, Path(output) / class_name, int(k_per_class.get(class_name, k)),
                                    image_size, rule or BackgroundRule(), max_pixels)
         report.classes.append(result)
-        log.info("%s: %d images, %d computed, %d from the cache, %.1f s", class_name, result.images,
+        log.debug("%s: %d images, %d computed, %d from the cache, %.1f s", class_name, result.images,
                  result.computed, result.reused, result.seconds)
     return report
 
