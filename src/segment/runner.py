@@ -202,7 +202,7 @@ def segment_dataset(
                                    image_size, rule or BackgroundRule(), max_pixels)
         report.classes.append(result)
         log.debug("%s: %d images, %d computed, %d from the cache, %.1f s", class_name, result.images,
-                 result.computed, result.reused, result.seconds)
+                  result.computed, result.reused, result.seconds)
     return report
 
 
