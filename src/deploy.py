@@ -7,7 +7,8 @@ image after decoding and resizing it (:mod:`src.modes.predict`), through the sam
 2. with part prototypes (``segment_image`` given): the class whose prototypes lie nearest to the
    image's features (the backbone's, or mean colours, as the prototypes were fitted on) (:meth:`src.segment.online.OnlineSegmenter.choose_class`), unless
    ``class_index`` names it; the part scores of that class's prototypes, the mean-field refinement
-   (:func:`src.segment.refine.refine`, its 3x3 inverses by cofactors), the argmax, the kept slots,
+   (:func:`src.segment.refine.refine`, its 3x3 inverses by cofactors and its per-pixel products
+   as broadcast sums), the argmax, the kept slots,
    and the nearest resizing of the masks to the model's input (index maps from the runtime);
 3. the gate and all experts (dense dispatch: every expert runs, the gate's weights zero the
    others; :meth:`src.models.anomalymoe.AnomalyMoE.forward_eval`);
@@ -33,7 +34,7 @@ from src.evaluation.scorer import Scorer, raw_groups
 from src.models.anomalymoe import AnomalyMoE
 from src.segment.features import backbone_grid, color_grid
 from src.segment.online import PartSegmentation
-from src.segment.refine import RefineSettings, inverse_3x3, refine
+from src.segment.refine import RefineSettings, refine
 
 PAD_SCORE = -1e30  # part score of a padding slot: probability exactly 0 after the softmax
 OUTPUTS = ("anomaly_map", "score", "anomalous", "class_index", "class_distance", "threshold", "routing_weights")
@@ -136,7 +137,7 @@ class DeployableDetector(nn.Module):
         scores = torch.where(torch.isinf(d2_class), torch.full_like(scores, PAD_SCORE), scores)
         scores = scores.transpose(1, 2).reshape(b, -1, h, w)  # (B, K, h, w)
         scores = F.interpolate(scores, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        labels = refine(scores, image, self.refine_settings, inverse_3x3).argmax(1)  # (B, s, s)
+        labels = refine(scores, image, self.refine_settings, exported=True).argmax(1)  # (B, s, s)
         size = rows.shape[1]
         labels = labels.gather(1, rows[:, :, None].expand(-1, -1, labels.shape[2]))  # (B, S, s)
         labels = labels.gather(2, cols[:, None, :].expand(-1, size, -1))  # (B, S, S)

@@ -33,7 +33,7 @@ def test_cofactor_inverse_and_batched_refinement_match_the_segmentation(seeded):
     logits = 5 * torch.randn(2, 4, 40, 40)
     one_by_one = torch.stack([refine(logits[i], images[i], RefineSettings()) for i in range(2)])
     assert torch.equal(refine(logits, images, RefineSettings()), one_by_one)
-    exported = refine(logits, images, RefineSettings(), inverse_3x3)
+    exported = refine(logits, images, RefineSettings(), exported=True)
     torch.testing.assert_close(exported, one_by_one, atol=1e-5, rtol=0)
     matrices = torch.rand(50, 3, 3) @ torch.rand(50, 3, 3).mT + 1e-3 * torch.eye(3)
     torch.testing.assert_close(inverse_3x3(matrices), torch.linalg.inv(matrices), atol=1e-3, rtol=1e-4)
