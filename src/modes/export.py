@@ -22,6 +22,7 @@ decision differs (beyond a score within the tolerance of its threshold), the fil
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import platform
@@ -264,6 +265,9 @@ def export_model(cfg: DictConfig, fmt: str) -> Path:
     loader = DataLoader(ImageFiles(images, transforms, Path("/"), None, segmenter, class_key),
                         batch_size=cfg.export.batch_size, collate_fn=collate)
     checked = [r for r in score_with_checkpoint(module, calibration, loader) if "error" not in r]
+    checkpoint_path = checkpoint.path
+    del module, detector, segmenter, loader, datamodule, checkpoint  # done with: the runtime loads its own
+    gc.collect()  # copy of the weights (2 GB at paper size)
     exported = {r["path"]: r for r in score_with_export(Detector(path, info=info), images, transforms, None,
                                                           cfg.export.batch_size) if "error" not in r}
     exported = [exported[r["path"]] for r in checked]
@@ -282,7 +286,7 @@ def export_model(cfg: DictConfig, fmt: str) -> Path:
         for f in files:  # moved together: model.onnx names its weights file model.onnx.data
             f.replace(rejected / f.name)
         (rejected / path.with_suffix(".json").name).write_text(json.dumps(info, indent=2))
-        raise ExportCheckError(f"the exported model does not score like {checkpoint.path} (moved to {rejected}, "
+        raise ExportCheckError(f"the exported model does not score like {checkpoint_path} (moved to {rejected}, "
                                "figures in its model.json):\n  " + "\n  ".join(figures["problems"]))
     path.with_suffix(".json").write_text(json.dumps(info, indent=2))
     return path
