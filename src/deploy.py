@@ -5,9 +5,10 @@ image after decoding and resizing it (:mod:`src.modes.predict`), through the sam
 
 1. ``/255`` and the ImageNet normalisation (``AnomalyTransforms.image`` after its PIL resize and crop);
 2. with part prototypes (``segment_image`` given): the class whose prototypes lie nearest to the
-   image's backbone features (:meth:`src.segment.online.OnlineSegmenter.choose_class`), unless
+   image's features (the backbone's, or mean colours, as the prototypes were fitted on) (:meth:`src.segment.online.OnlineSegmenter.choose_class`), unless
    ``class_index`` names it; the part scores of that class's prototypes, the mean-field refinement
-   (:func:`src.segment.refine.refine`, its 3x3 inverses by cofactors), the argmax, the kept slots,
+   (:func:`src.segment.refine.refine`, its 3x3 inverses by cofactors and its per-pixel products
+   as broadcast sums), the argmax, the kept slots,
    and the nearest resizing of the masks to the model's input (index maps from the runtime);
 3. the gate and all experts (dense dispatch: every expert runs, the gate's weights zero the
    others; :meth:`src.models.anomalymoe.AnomalyMoE.forward_eval`);
@@ -31,9 +32,9 @@ from data_modules.types import IMAGENET_MEAN, IMAGENET_STD
 from src.evaluation.calibration import POOLED, Calibration
 from src.evaluation.scorer import Scorer, raw_groups
 from src.models.anomalymoe import AnomalyMoE
-from src.segment.features import backbone_grid
+from src.segment.features import backbone_grid, color_grid
 from src.segment.online import PartSegmentation
-from src.segment.refine import RefineSettings, inverse_3x3, refine
+from src.segment.refine import RefineSettings, refine
 
 PAD_SCORE = -1e30  # part score of a padding slot: probability exactly 0 after the softmax
 OUTPUTS = ("anomaly_map", "score", "anomalous", "class_index", "class_distance", "threshold", "routing_weights")
@@ -85,9 +86,15 @@ class DeployableDetector(nn.Module):
         centres = torch.zeros(len(parts), k_max, dim)
         valid = torch.zeros(len(parts), k_max, dtype=torch.bool)
         kept = torch.full((len(parts), kept_max), -1, dtype=torch.long)  # -1: a padding mask (never a label)
+        features = dict(segmentation.params["features"])
+        self.feature_kind = features["kind"]
+        if self.feature_kind not in ("backbone", "color"):
+            raise ValueError(f"segmentation features {features!r}: only backbone or colour features export")
+        self.normalize = self.feature_kind == "backbone"  # backbone prototypes compare by cosine
         for i, p in enumerate(parts):
-            if not p.prototypes.normalize:
-                raise ValueError(f"class {self.class_keys[i]}: only backbone-feature prototypes export")
+            if p.prototypes.normalize != self.normalize:
+                raise ValueError(f"class {self.class_keys[i]}: its prototypes do not match the {self.feature_kind} "
+                                 "features of the segmentation")
             centres[i, : len(p.prototypes.centres)] = torch.from_numpy(p.prototypes.centres)
             valid[i, : len(p.prototypes.centres)] = True
             kept[i, : len(p.kept)] = torch.tensor(p.kept, dtype=torch.long)
@@ -96,12 +103,15 @@ class DeployableDetector(nn.Module):
         self.register_buffer("part_variance", torch.tensor([p.prototypes.variance for p in parts]))  # (N,)
         self.register_buffer("part_kept", kept)  # (N, Kk)
         self.register_buffer("part_count", torch.tensor([len(p.kept) for p in parts]))  # (N,)
-        self.blocks = sorted(int(b) for b in segmentation.params["features"]["blocks"])
+        if self.feature_kind == "backbone":
+            self.blocks = sorted(int(b) for b in features["blocks"])
+        else:
+            self.color_space, self.color_stride = str(features["space"]), int(features["stride"])
         self.refine_settings = RefineSettings(**segmentation.params["refine"])
 
     # ------------------------------------------------------------------ pieces
     def class_distances(self, vectors: Tensor) -> Tensor:
-        """(B, P, C) normalised features -> (B, N, P, K) squared distances to every class's centres,
+        """(B, P, C) features (normalised for backbone prototypes) -> (B, N, P, K) squared distances to every class's centres,
         +inf for padding centres."""
         d2 = torch.cdist(vectors[:, None], self.part_centres[None]) ** 2  # (B, N, P, K)
         return d2.masked_fill(~self.part_valid[None, :, None, :], float("inf"))
@@ -111,9 +121,14 @@ class DeployableDetector(nn.Module):
         """Masks (B, Kk, S, S) uint8, their count (B,), the class used (B,) and the per-class mean
         distances (B, N) of ``mode=predict``'s online segmentation."""
         image = segment_image.float() / 255  # (B, 3, s, s) in [0, 1], as to_tensor
-        grid = backbone_grid(self.net.encoder, self.blocks, image)  # (B, C, h, w)
+        if self.feature_kind == "backbone":
+            grid = backbone_grid(self.net.encoder, self.blocks, image)  # (B, C, h, w)
+        else:
+            grid = color_grid(image, self.color_space, self.color_stride)  # (B, 3, h, w)
         b, _, h, w = grid.shape
-        vectors = F.normalize(grid.flatten(2).transpose(1, 2), dim=-1)  # (B, P, C)
+        vectors = grid.flatten(2).transpose(1, 2)  # (B, P, C)
+        if self.normalize:
+            vectors = F.normalize(vectors, dim=-1)
         d2 = self.class_distances(vectors)  # (B, N, P, K)
         distances = d2.amin(-1).mean(-1)  # (B, N)
         chosen = torch.where(class_index >= 0, class_index, distances.argmin(1))  # (B,)
@@ -122,7 +137,7 @@ class DeployableDetector(nn.Module):
         scores = torch.where(torch.isinf(d2_class), torch.full_like(scores, PAD_SCORE), scores)
         scores = scores.transpose(1, 2).reshape(b, -1, h, w)  # (B, K, h, w)
         scores = F.interpolate(scores, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        labels = refine(scores, image, self.refine_settings, inverse_3x3).argmax(1)  # (B, s, s)
+        labels = refine(scores, image, self.refine_settings, exported=True).argmax(1)  # (B, s, s)
         size = rows.shape[1]
         labels = labels.gather(1, rows[:, :, None].expand(-1, -1, labels.shape[2]))  # (B, S, s)
         labels = labels.gather(2, cols[:, None, :].expand(-1, size, -1))  # (B, S, S)

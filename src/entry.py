@@ -27,6 +27,7 @@ from src.checkpoints import apply_checkpoint_config, find_resume_checkpoint, rea
 from src.config_checks import prepare_run
 from src.console import quiet_lightning
 from src.errors import ConfigError, user_error
+from src.inference import is_exported
 from src.loggers import multirun_name
 from src.prediction_writer import unfinished_prediction
 from src.run_folder import claim_run_folder
@@ -34,7 +35,7 @@ from src.run_folder import claim_run_folder
 log = logging.getLogger(__name__)
 
 CHECKPOINT_MODES = {"test": "a .ckpt of this project or an original model_final.pth",
-                    "predict": "a .ckpt of this project, an original model_final.pth or an exported model.onnx",
+                    "predict": "a .ckpt of this project, an original model_final.pth or an exported model.onnx / model.pt2",
                     "export": "a .ckpt written by mode=train"}
 RUN_MODES = ("train", "test", "predict", "export")  # the modes that write a run's files (run.json)
 READING_MODES = ("summarize",)  # read other runs' folders: no run folder of their own, no model, no data
@@ -96,8 +97,8 @@ def use_checkpoint(cfg: DictConfig) -> None:
     ckpt_path = cfg.get("ckpt_path")
     if not ckpt_path or cfg.mode not in RUN_MODES:
         return
-    if cfg.mode == "predict" and Path(str(ckpt_path)).suffix == ".onnx":
-        return  # an exported model (mode=export export.format=onnx) describes itself: src.inference reads it
+    if cfg.mode == "predict" and is_exported(ckpt_path):
+        return  # an exported model (mode=export export.format=onnx or torch) describes itself: src.inference reads it
     if ckpt_path == "last":
         checkpoint = find_resume_checkpoint(cfg.paths.output_dir)
         if checkpoint is None:

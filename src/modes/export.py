@@ -7,18 +7,22 @@
 * ``onnx``: ``<export.dir>/model.onnx``, one graph from the resized uint8 image to the anomaly map,
   the score, the decision and the class (:mod:`src.deploy`), and ``model.json`` describing it. It
   runs with onnxruntime alone (:mod:`src.inference`) and in ``mode=predict ckpt_path=<model.onnx>``.
+  Weights above 1 GiB (the paper-size model) go to ``model.onnx.data`` beside it.
+* ``torch``: ``<export.dir>/model.pt2``, the same graph as a ``torch.export`` program, and
+  ``model.json``. It runs with torch alone (:mod:`src.inference`, ``mode=predict ckpt_path=<model.pt2>``).
 
-An ONNX export checks itself before it is kept: the exported model (through :mod:`src.inference`)
+An export checks itself before it is kept: the exported model (through :mod:`src.inference`)
 and the checkpoint (through ``mode=predict``'s path and scorer) score the same images (a few
 normal training images per class, or ``export.check_input``); when a score differs by more than
 ``export.tolerance`` times the scale of the scores (the largest threshold or score), a class or a
-decision differs (beyond a score within the tolerance of its threshold), the files are renamed
-``model.rejected.onnx``/``.json`` and the run fails naming the worst image.
+decision differs (beyond a score within the tolerance of its threshold), the files are moved to
+``<export.dir>/rejected/`` with their ``model.json`` and the run fails naming the worst image.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import platform
@@ -35,7 +39,7 @@ from src.models.weight_formats import CheckpointError, ours_to_original, read_st
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("original", "onnx")
+FORMATS = ("original", "onnx", "torch")
 
 
 class ExportCheckError(CheckpointError):
@@ -57,30 +61,30 @@ def export_original(ckpt_path: str | Path, out_path: str | Path) -> Path:
     return out_path
 
 
-# --------------------------------------------------------------------------- onnx
-def _versions() -> dict:
-    import onnx
-    import onnxruntime
-
+# --------------------------------------------------------------------------- onnx and torch
+def _versions(fmt: str) -> dict:
     from src.build import REPOSITORY, git_commit
 
-    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version(), "project": git_commit(REPOSITORY)}
+    versions = {"torch": torch.__version__, "python": platform.python_version(), "project": git_commit(REPOSITORY)}
+    if fmt == "onnx":
+        import onnx
+        import onnxruntime
+
+        versions.update(onnx=onnx.__version__, onnxruntime=onnxruntime.__version__)
+    return versions
 
 
-def build_detector(module):
-    """The deployable graph of a loaded module and the note on its component masks."""
+def build_detector(module, segmenter, note: str | None = None):
+    """The deployable graph of a loaded module (``segmenter``: the one ``mode=predict`` would use,
+    None when images are scored without masks) and the note on its component masks."""
     from src.deploy import DeployableDetector
     from src.evaluation.calibration import POOLED
-    from src.modes.predict import choose_segmenter
 
     if module.calibration is None:
-        raise CheckpointError("the checkpoint holds no calibration (thresholds): export a last.ckpt written by "
-                              "mode=train, or run mode=test on it first")
-    segmenter, note = choose_segmenter(module, {}, torch.device("cpu"))
+        raise CheckpointError("the module has no calibration (thresholds) to export")
     segmentation = module.segmentation if segmenter is not None else None
     keys = list(segmentation.classes) if segmentation else [k for k in module.calibration.stats if k != POOLED]
-    net = copy.deepcopy(module.net)
+    net = copy.copy(module.net)  # shares the weights: a paper-size model is 2 GB
     net.dispatch = "dense"  # every expert runs; the gate's weights zero the others (no data-dependent shapes)
     return DeployableDetector(net, module.evaluator.scorer, module.calibration, keys, segmentation).eval(), note
 
@@ -95,20 +99,59 @@ def example_inputs(detector, size: int, batch: int = 2) -> tuple:
     return tuple(inputs)
 
 
-def write_onnx(detector, path: Path, size: int) -> None:
+def input_names(detector) -> list[str]:
+    names = ["image", "given_class", "segment_image", "mask_rows", "mask_cols"]
+    return names if detector.segmentation is not None else names[:2]
+
+
+def _batch_dims(inputs: tuple) -> tuple:
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    return tuple({0: batch} for _ in inputs)
+
+
+def write_onnx(detector, path: Path, size: int) -> list[Path]:
+    """``model.onnx`` (weights above :data:`EXTERNAL_DATA_BYTES` in ``model.onnx.data`` beside
+    it); returns the files written."""
     from src.deploy import OUTPUTS
     from src.evaluation.protocol import gaussian_kernel
 
-    names = ["image", "given_class", "segment_image", "mask_rows", "mask_cols"]
     inputs = example_inputs(detector, size)
-    batch = torch.export.Dim("batch", min=1, max=1024)
+    external = weight_bytes(detector) > EXTERNAL_DATA_BYTES
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # the weights of the model.onnx this export replaces
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per deduplicated constant otherwise
-    with torch.no_grad():
-        torch.onnx.export(detector, inputs, str(path), dynamo=True, input_names=names[: len(inputs)],
-                          output_names=list(OUTPUTS), dynamic_shapes=tuple({0: batch} for _ in inputs),
-                          external_data=False, verbose=False,
-                          optimize=False)  # onnxscript's optimiser drops additions of tiny constants (the 1e-11 of the scorer)
-    gaussian_kernel.cache_clear()  # it may hold a tensor made while tracing, unusable in eager code
+    try:
+        with torch.no_grad():
+            torch.onnx.export(detector, inputs, str(path), dynamo=True, input_names=input_names(detector),
+                              output_names=list(OUTPUTS), dynamic_shapes=_batch_dims(inputs),
+                              external_data=external, verbose=False,
+                              optimize=False)  # onnxscript's optimiser drops additions of tiny constants (the 1e-11 of the scorer)
+    finally:
+        gaussian_kernel.cache_clear()  # it may hold a tensor made while tracing, unusable in eager code
+    return [path, data] if data.is_file() else [path]
+
+
+def write_torch(detector, path: Path, size: int) -> list[Path]:
+    """``model.pt2``: the program of ``torch.export`` (weights inside); returns the files written."""
+    from src.evaluation.protocol import gaussian_kernel
+
+    inputs = example_inputs(detector, size)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(detector, inputs, dynamic_shapes=_batch_dims(inputs), strict=False)
+    finally:
+        gaussian_kernel.cache_clear()
+    torch.export.save(program, str(path))
+    return [path]
+
+
+WRITERS = {"onnx": write_onnx, "torch": write_torch}
+FILE_NAMES = {"onnx": "model.onnx", "torch": "model.pt2"}
+EXTERNAL_DATA_BYTES = 1 << 30  # ONNX weights above 1 GiB go to model.onnx.data (a protobuf file stops at 2 GiB)
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def check_images(cfg: DictConfig, datamodule) -> list[Path]:
@@ -146,42 +189,52 @@ def parity(checked: list[dict], exported: list[dict], thresholds: list[float], t
             "passed": not problems, "problems": problems[:20]}
 
 
-def export_onnx(cfg: DictConfig) -> Path:
-    """Export, check against the checkpoint, describe; returns the path of ``model.onnx``."""
+def export_model(cfg: DictConfig, fmt: str) -> Path:
+    """Export, check against the checkpoint, describe; returns the path of the model file."""
     from dataclasses import asdict
 
     from data_modules.dataset import AnomalyTransforms
     from src.build import build_module
     from src.checkpoints import load_weights, read_checkpoint
+    from src.evaluation.calibration import POOLED
     from src.evaluation.report import expert_names
     from src.inference import Detector
-    from src.modes.predict import ImageFiles, collate, score_with_checkpoint, score_with_export
+    from src.modes.predict import (
+        ImageFiles,
+        calibrate_if_missing,
+        choose_segmenter,
+        collate,
+        score_with_checkpoint,
+        score_with_export,
+    )
 
     checkpoint = read_checkpoint(cfg.ckpt_path)
     if checkpoint.kind != "lightning":
-        raise CheckpointError(f"ckpt_path={cfg.ckpt_path}: export.format=onnx reads a .ckpt written by mode=train "
-                              "(it needs the calibration and preprocessing stored in it)")
+        raise CheckpointError(f"ckpt_path={cfg.ckpt_path}: export.format={fmt} reads a .ckpt written by mode=train "
+                              "(it needs the preprocessing and part prototypes stored in it)")
+    out_dir = Path(cfg.export.dir).expanduser()
+    path = out_dir / FILE_NAMES[fmt]
+    check_description(path)
     datamodule, module = build_module(cfg)
     load_weights(module, checkpoint)
     module.eval()
-    detector, note = build_detector(module)
+    segmenter, note = choose_segmenter(module, {}, torch.device("cpu"), datamodule.max_pixels)
+    source = calibrate_if_missing(module, datamodule, module.net.num_experts[2] > 0 and segmenter is None)
+    detector, note = build_detector(module, segmenter, note)
     transforms = getattr(datamodule, "transforms", None) or AnomalyTransforms()
-    out_dir = Path(cfg.export.dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "model.onnx"
 
     started = time.perf_counter()
-    write_onnx(detector, path, transforms.output_size)
+    files = WRITERS[fmt](detector, path, transforms.output_size)
     seconds = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     calibration = module.calibration
     masked = detector.segmentation is not None or module.net.num_experts[2] == 0
     keys = detector.class_keys
-    from src.evaluation.calibration import POOLED
-
     stats = {k: calibration.get(k, masks=masked) for k in [*keys, POOLED]}
     info = {
-        "format": "anomalymoe-onnx",
+        "format": f"anomalymoe-{fmt}",
+        "files": [f.name for f in files],
         "checkpoint": str(checkpoint.path), "global_step": checkpoint.global_step,
         "class_keys": keys,
         "experts": expert_names(module.net.num_experts),
@@ -189,28 +242,35 @@ def export_onnx(cfg: DictConfig) -> Path:
                           "segment_size": int(detector.segmentation.params["image_size"]) if detector.segmentation else None,
                           "input": "image: (B, 3, S, S) uint8 RGB, PIL bilinear resize to (resize, resize), centre crop "
                                    "to S = crop; the normalisation is in the graph"},
-        "inputs": [i.name for i in _session_inputs(path)],
+        "inputs": input_names(detector),
         "outputs": ["anomaly_map (B, 1, E, E)", "score (B,)", "anomalous (B,)", "class_index (B,)",
                     "class_distance (B, N)", "threshold (B,)", "routing_weights (B, experts)"],
-        "component_masks": "computed in the graph from the part prototypes" if detector.segmentation is not None
+        "component_masks": f"computed in the graph from the part prototypes ({detector.feature_kind} features)"
+        if detector.segmentation is not None
         else "none: scored against statistics of images without masks" if module.net.num_experts[2] else "no component experts",
         "thresholds": {k: stats[k].threshold for k in stats},
         "statistics": {k: asdict(v) for k, v in stats.items()},
+        "statistics_source": source,
         "decision_rule": calibration.rule,
         "notes": list(calibration.notes) + ([note] if note else []),
         "scorer": asdict(module.evaluator.scorer),
-        "export": {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb), "file_mb": round(path.stat().st_size / 2**20, 2),
+        "export": {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb),
+                   "file_mb": round(sum(f.stat().st_size for f in files) / 2**20, 2),
                    "dispatch": "dense: every expert runs, the gate's weights zero the unselected ones"},
-        "versions": _versions(),
+        "versions": _versions(fmt),
     }
 
     images = check_images(cfg, datamodule)
-    loader = DataLoader(ImageFiles(images, transforms, Path("/"), None, *_segmenter_and_class(module, detector),
+    class_key = detector.class_keys[0] if segmenter is None and len(detector.class_keys) == 1 else None
+    loader = DataLoader(ImageFiles(images, transforms, Path("/"), None, segmenter, class_key,
                                    max_pixels=datamodule.max_pixels),
                         batch_size=cfg.export.batch_size, collate_fn=collate)
     checked = [r for r in score_with_checkpoint(module, calibration, loader) if "error" not in r]
+    checkpoint_path, max_pixels = checkpoint.path, datamodule.max_pixels
+    del module, detector, segmenter, loader, datamodule, checkpoint  # done with: the runtime loads its own
+    gc.collect()  # copy of the weights (2 GB at paper size)
     exported = {r["path"]: r for r in score_with_export(Detector(path, info=info), images, transforms, None,
-                                                          cfg.export.batch_size, datamodule.max_pixels) if "error" not in r}
+                                                          cfg.export.batch_size, max_pixels) if "error" not in r}
     exported = [exported[r["path"]] for r in checked]
     if not checked:
         raise ExportCheckError(f"no readable image to check the export with ({len(images)} given)")
@@ -222,28 +282,32 @@ def export_onnx(cfg: DictConfig) -> Path:
              figures["tolerance"], figures["max_map_difference"], figures["decisions_equal"], figures["images"],
              figures["classes_equal"], figures["images"])
     if not figures["passed"]:
-        rejected = path.with_name("model.rejected.onnx")
-        path.replace(rejected)
-        rejected.with_suffix(".json").write_text(json.dumps(info, indent=2))
-        raise ExportCheckError(f"the exported model does not score like {checkpoint.path} (renamed to {rejected}, "
-                               f"figures in {rejected.with_suffix('.json')}):\n  " + "\n  ".join(figures["problems"]))
+        rejected = out_dir / "rejected"
+        rejected.mkdir(exist_ok=True)
+        for f in files:  # moved together: model.onnx names its weights file model.onnx.data
+            f.replace(rejected / f.name)
+        (rejected / path.with_suffix(".json").name).write_text(json.dumps(info, indent=2))
+        raise ExportCheckError(f"the exported model does not score like {checkpoint_path} (moved to {rejected}, "
+                               "figures in its model.json):\n  " + "\n  ".join(figures["problems"]))
     path.with_suffix(".json").write_text(json.dumps(info, indent=2))
     return path
 
 
-def _session_inputs(path: Path):
-    import onnxruntime
+def check_description(path: Path) -> None:
+    """Refuse to overwrite a ``model.json`` that describes another exported file still beside it."""
+    from src.errors import ConfigError
 
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()
-
-
-def _segmenter_and_class(module, detector) -> tuple:
-    """``mode=predict``'s segmenter and class key for the check, as the graph has them."""
-    from src.modes.predict import choose_segmenter
-
-    segmenter = choose_segmenter(module, {}, torch.device("cpu"))[0] if detector.segmentation is not None else None
-    class_key = detector.class_keys[0] if segmenter is None and len(detector.class_keys) == 1 else None
-    return segmenter, class_key
+    description = path.with_suffix(".json")
+    if not description.is_file():
+        return
+    try:
+        other = json.loads(description.read_text()).get("format", "")
+    except (OSError, ValueError):
+        return
+    theirs = {f"anomalymoe-{fmt}": name for fmt, name in FILE_NAMES.items()}.get(other)
+    if theirs and theirs != path.name and (path.parent / theirs).is_file():
+        raise ConfigError(f"{description} describes {path.parent / theirs}, which an export to {path.name} would "
+                          "orphan: set export.dir to another folder (or paths.output_dir to a new run)")
 
 
 def run(cfg: DictConfig) -> None:
@@ -257,5 +321,5 @@ def run(cfg: DictConfig) -> None:
         out = export_original(cfg.ckpt_path, cfg.export.path)
         log.info("Wrote %s (original key names) from %s", out, cfg.ckpt_path)
         return
-    out = export_onnx(cfg)
+    out = export_model(cfg, fmt)
     log.info("Wrote %s and %s from %s", out, out.with_suffix(".json"), cfg.ckpt_path)

@@ -55,6 +55,7 @@ from src.errors import ConfigError
 from src.evaluation.calibration import GROUPS, POOLED, NormalStatistics
 from src.evaluation.report import expert_names, score_row, write_score_rows
 from src.evaluation.visualize import fit_image, render_panels
+from src.inference import is_exported
 from src.prediction_writer import PredictionWriter, relative_path
 from src.segment.online import OnlineSegmenter
 
@@ -151,6 +152,19 @@ def choose_segmenter(module, settings, device, max_pixels: int = DEFAULT_MAX_PIX
     return segmenter, None
 
 
+def calibrate_if_missing(module, datamodule, unmasked: bool) -> str:
+    """Give ``module`` the calibration its images are scored with: the checkpoint's, or, when it
+    has none (or none of images without masks, which ``unmasked`` images need), one computed from
+    the dataset's normal training images. Returns where the statistics come from."""
+    if module.calibration is not None and not (unmasked and module.calibration.unmasked is None):
+        return "checkpoint"
+    name = getattr(datamodule, "name", "?")
+    log.info("Computing the normal-image calibration from dataset '%s' (the checkpoint holds none%s)", name,
+             " for images without component masks" if module.calibration is not None else "")
+    module.calibrate(datamodule)
+    return f"computed from the normal training images of dataset '{name}'"
+
+
 def statistics_for(module, calibration, key: str, masked: bool) -> NormalStatistics:
     """The statistics of the pipeline an image took: with or without component masks (the same
     for a model without component experts)."""
@@ -222,12 +236,8 @@ def run(cfg: DictConfig) -> float | None:
     mask_root = Path(settings.component_masks).expanduser() if settings.get("component_masks") else None
     segmenter, segment_note = choose_segmenter(module, settings, device, datamodule.max_pixels)
     unmasked = module.net.num_experts[2] > 0 and segmenter is None and mask_root is None
-    source = "checkpoint"
-    if module.calibration is None or (unmasked and module.calibration.unmasked is None):
-        name = getattr(datamodule, "name", "?")
-        log.info("Computing the normal-image calibration from dataset '%s'", name)
-        module.calibrate(datamodule)
-        source = f"computed from the normal training images of dataset '{name}'"
+    source = calibrate_if_missing(module, datamodule, unmasked)
+    if source != "checkpoint":
         module.calibration.save(out / "calibration.json")
     calibration = module.calibration
     class_key = settings.class_key
@@ -262,13 +272,9 @@ def run(cfg: DictConfig) -> float | None:
                              writer, lambda key, masked: statistics_for(module, calibration, key, masked))
 
 
-def is_exported(ckpt_path) -> bool:
-    """``ckpt_path`` names an exported model (``mode=export export.format=onnx``)."""
-    return bool(ckpt_path) and Path(str(ckpt_path)).suffix == ".onnx"
-
-
 def run_exported(cfg: DictConfig, images: list[Path], others: list[Path], root: Path, out: Path) -> float | None:
-    """``mode=predict`` with an exported ``model.onnx``: the same files, scored by onnxruntime."""
+    """``mode=predict`` with an exported ``model.onnx`` or ``model.pt2``: the same files, scored by
+    onnxruntime or torch's exported program."""
     from src.inference import Detector
 
     settings = cfg.predict
@@ -287,7 +293,7 @@ def run_exported(cfg: DictConfig, images: list[Path], others: list[Path], root: 
     stats = {k: NormalStatistics(**v) for k, v in info["statistics"].items()}
     chosen = "chosen per image" if detector.segment_size else (info["class_keys"][0] if len(info["class_keys"]) == 1
                                                                 else POOLED)
-    header = {"checkpoint": str(cfg.ckpt_path), "checkpoint_format": "onnx", "checkpoint_step": info.get("global_step"),
+    header = {"checkpoint": str(cfg.ckpt_path), "checkpoint_format": info["format"].removeprefix("anomalymoe-"), "checkpoint_step": info.get("global_step"),
               "input": str(root), "protocol": "inductive", "class_key": settings.class_key or chosen,
               "statistics_source": "exported model", "decision_rule": info["decision_rule"], "notes": info["notes"]}
     return write_predictions(records, header, info["experts"], images, others, out, settings, writer,

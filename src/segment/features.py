@@ -71,12 +71,21 @@ def backbone_grid(backbone: DinoV2Backbone, blocks: list[int], images: Tensor) -
 
 
 def rgb_to_lab(rgb: Tensor) -> Tensor:
-    """(3, H, W) sRGB in [0, 1] -> CIE Lab (D65): L in [0, 100], a and b roughly in [-110, 110]."""
+    """(..., 3, H, W) sRGB in [0, 1] -> CIE Lab (D65): L in [0, 100], a and b roughly in [-110, 110]."""
     linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
     m = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]])
-    xyz = torch.einsum("ij,jhw->ihw", m.to(rgb), linear) / torch.tensor([0.950456, 1.0, 1.088754]).to(rgb)[:, None, None]
+    white = torch.tensor([0.950456, 1.0, 1.088754])
+    xyz = torch.einsum("ij,...jhw->...ihw", m.to(rgb), linear) / white.to(rgb)[:, None, None]
     f = torch.where(xyz > 0.008856, xyz.clamp_min(1e-12) ** (1 / 3), 7.787 * xyz + 16 / 116)
-    return torch.stack([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+    fx, fy, fz = f.unbind(-3)
+    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=-3)
+
+
+def color_grid(images: Tensor, space: str, stride: int) -> Tensor:
+    """(B, 3, H, W) images in [0, 1] -> (B, 3, ceil(H / stride), ceil(W / stride)) mean colours
+    (Lab, or RGB times 100) of ``stride`` x ``stride`` cells (the last cells may be cut by the border)."""
+    colours = rgb_to_lab(images.float()) if space == "lab" else images.float() * 100
+    return F.avg_pool2d(colours, stride, ceil_mode=True)
 
 
 class ColorFeatures:
@@ -97,8 +106,7 @@ class ColorFeatures:
 
     @torch.no_grad()
     def __call__(self, image: Tensor) -> Tensor:
-        colours = rgb_to_lab(image.float()) if self.space == "lab" else image.float() * 100
-        return F.avg_pool2d(colours[None], self.stride, ceil_mode=True)[0]
+        return color_grid(image[None], self.space, self.stride)[0]
 
     def describe(self) -> dict:
         return {"kind": "color", "space": self.space, "stride": self.stride}

@@ -66,8 +66,9 @@ class GuidedFilter:
     per-pixel 3x3 inverses are computed once (by ``inverse``) and reused for every input
     filtered with the same guide."""
 
-    def __init__(self, guide: Tensor, radius: int, eps: float, inverse=torch.linalg.inv) -> None:
-        self.guide, self.radius = guide, radius
+    def __init__(self, guide: Tensor, radius: int, eps: float, exported: bool = False) -> None:
+        self.guide, self.radius, self.exported = guide, radius, exported
+        inverse = inverse_3x3 if exported else torch.linalg.inv
         self.count = box_count(guide.shape[-2:], radius, guide)
         self.mean_i = self._box(guide)  # (..., 3, H, W)
         var_i = self._box(guide.unsqueeze(-3) * guide.unsqueeze(-4)) - self.mean_i.unsqueeze(-3) * self.mean_i.unsqueeze(-4)
@@ -83,7 +84,10 @@ class GuidedFilter:
         mean_i = self.mean_i.unsqueeze(-3)
         mean_p = self._box(src)  # (..., K, H, W)
         cov_ip = self._box(guide * src.unsqueeze(-4)) - mean_i * mean_p.unsqueeze(-4)  # (..., 3, K, H, W)
-        a = torch.einsum("...ijhw,...jkhw->...ikhw", self.inv_var, cov_ip)  # (..., 3, K, H, W)
+        if self.exported:  # onnxruntime runs einsum's per-pixel 3x3 products slowly: broadcast and sum
+            a = (self.inv_var.unsqueeze(-3) * cov_ip.unsqueeze(-5)).sum(-4)  # (..., 3, K, H, W)
+        else:
+            a = torch.einsum("...ijhw,...jkhw->...ikhw", self.inv_var, cov_ip)  # (..., 3, K, H, W)
         b = mean_p - (a * mean_i).sum(-4)  # (..., K, H, W)
         return (self._box(a) * guide).sum(-4) + self._box(b)
 
@@ -98,17 +102,18 @@ class RefineSettings:
     guided_weight: float = 3.0
 
 
-def refine(logits: Tensor, image: Tensor, settings: RefineSettings, inverse=torch.linalg.inv) -> Tensor:
+def refine(logits: Tensor, image: Tensor, settings: RefineSettings, exported: bool = False) -> Tensor:
     """Mean-field refinement: (..., K, H, W) unary scores and the (..., 3, H, W) image in [0, 1]
-    (one image or a batch) -> (..., K, H, W) label probabilities. ``inverse``: the guided
-    filter's 3x3 inverse (:func:`inverse_3x3` in an exported graph)."""
+    (one image or a batch) -> (..., K, H, W) label probabilities. ``exported``: the arithmetic of
+    an exported graph (the guided filter's 3x3 inverses by :func:`inverse_3x3`, its per-pixel
+    products as broadcast sums), equal to float rounding."""
     unary = torch.log_softmax(logits.float(), -3)
     q = unary.exp()
     side = max(image.shape[-2:])
     sigma = max(settings.spatial_sigma * side, 0.5)
     kernel = 2 * int(3 * sigma) + 1
     radius = max(1, round(settings.guided_radius * side))
-    guided = GuidedFilter(image.float(), radius, settings.guided_eps, inverse) if settings.iterations else None
+    guided = GuidedFilter(image.float(), radius, settings.guided_eps, exported) if settings.iterations else None
     for _ in range(settings.iterations):
         message = settings.spatial_weight * TF.gaussian_blur(q, [kernel, kernel], [sigma, sigma])
         message = message + settings.guided_weight * guided(q)
