@@ -2,7 +2,7 @@
 # reinstalled only when pyproject.toml changes (.venv/.installed records the last install).
 #
 #   make demo                 generate the demo data, train, test, print the table
-#   make test                 the test suite
+#   make test                 the test suite, in TEST_WORKERS parallel processes (default 2; 0: one process)
 #   make demo ARGS="trainer.max_steps=20"     extra overrides for run.py (or pytest arguments for make test)
 #   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
 #                             CPU-only torch wheels (about 1 GB instead of the 6 GB CUDA set); takes
@@ -12,6 +12,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_INDEX ?=
 ARGS ?=
+TEST_WORKERS ?= 2
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -22,7 +23,7 @@ demo: $(STAMP)
 	$(PY) run.py experiment=demo $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 install: $(STAMP)
 

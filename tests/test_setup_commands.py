@@ -44,7 +44,9 @@ def test_first_use_creates_and_installs_the_venv(checkout):
 def test_later_uses_reuse_the_venv_until_pyproject_changes(checkout):
     (checkout / ".venv").mkdir()
     (checkout / ".venv" / ".installed").touch()
-    assert dry_run(checkout, "test", "ARGS=tests/test_x.py -x").strip() == ".venv/bin/python -m pytest tests/test_x.py -x"
+    assert dry_run(checkout, "test", "ARGS=tests/test_x.py -x").strip() == (
+        ".venv/bin/python -m pytest -n 2 --dist loadfile tests/test_x.py -x")  # two test processes, a file each
+    assert dry_run(checkout, "test", "TEST_WORKERS=0").strip() == ".venv/bin/python -m pytest -n 0 --dist loadfile"
     os.utime(checkout / "pyproject.toml")  # now newer than the last install
     assert "pip install -e" in dry_run(checkout, "test")
 
