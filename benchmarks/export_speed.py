@@ -10,12 +10,17 @@ For each model, in separate processes (so that each peak memory is that stage's 
    saved as a Lightning-format ``.ckpt``;
 2. **export**: ``mode=export export.format=onnx`` and ``export.format=torch`` on it, each with its
    self-check (the parity figures come from its ``model.json``);
-3. **runtimes**: the same feed (demo test images, preprocessed by :func:`src.inference.graph_inputs`)
-   through onnxruntime's CPU execution provider (``model.onnx``), torch's exported program
-   (``model.pt2``), and eager PyTorch: the wrapped module the exports trace (dense dispatch) and the
-   same module with sparse dispatch (the experts ``mode=predict`` runs with the checkpoint). Only
-   the graph is timed (decoding and resizing are the same for all): median seconds per batch of
-   ``--repeats`` runs after ``--warmup`` runs.
+3. **memory**: for each runtime, a process that loads it and runs one batch of the largest size:
+   its peak resident memory (and after loading);
+4. **time**: for each batch size, one process with every runtime loaded, timed in interleaved
+   rounds (a shared machine's changing load falls on all of them alike): median seconds per batch
+   of ``--repeats`` rounds after ``--warmup`` runs. The runtimes get the same feed (demo test
+   images, decoded and resized by :mod:`src.inference`); only the graph is timed (decoding and
+   resizing are the same for all).
+
+The runtimes: onnxruntime's CPU execution provider (``model.onnx``), torch's exported program
+(``model.pt2``), and eager PyTorch: the wrapped module the exports trace (dense dispatch) and the
+same module with sparse dispatch (the experts ``mode=predict`` runs with the checkpoint).
 
     python -m benchmarks.export_speed --models demo --repeats 10
     OMP_NUM_THREADS=2 python -m benchmarks.export_speed --models paper --repeats 3 --threads 2
@@ -44,7 +49,7 @@ MODELS = {
     "paper": ["model.backbone.weights=random", "trainer=cpu", "dataset.image_size=392", "dataset.resize=448",
               "evaluation.calibration.images_per_class=4"],
 }
-STAGES = ("checkpoint", "export", "time")
+STAGES = ("checkpoint", "export", "memory", "time")
 RUNTIMES = ("onnxruntime", "torch.export (.pt2)", "eager torch, dense", "eager torch, sparse")
 
 
@@ -123,32 +128,54 @@ def feed_images(work: Path, batch: int) -> list[Path]:
     return [images[i % len(images)] for i in range(batch)]
 
 
-def time_runtime(model: str, work: Path, runtime: str, batch: int, repeats: int, warmup: int, threads: int) -> dict:
-    """Median seconds per batch of one runtime on a batch of ``batch`` demo test images."""
-    from src.inference import Detector, graph_inputs, open_rgb
+def load_runtime(model: str, work: Path, runtime: str, threads: int):
+    """``run(feed) -> outputs`` of one runtime."""
+    from src.inference import Detector
 
-    info = json.loads((work / model / "onnx" / "export" / "model.json").read_text())
-    pre = info["preprocessing"]
-    feed = graph_inputs([open_rgb(p) for p in feed_images(work, batch)], pre["resize"], pre["crop"], pre["segment_size"])
     if runtime == "onnxruntime":
-        run = Detector(work / model / "onnx" / "export" / "model.onnx", threads=threads).run
-    elif runtime == "torch.export (.pt2)":
-        run = Detector(work / model / "torch" / "export" / "model.pt2", threads=threads).run
-    else:
-        run = eager_runner(model, work, "sparse" if runtime.endswith("sparse") else "dense", threads)
-    loaded, load_before = peak_rss_mb(), os.getloadavg()[0]
-    for _ in range(warmup):
-        out = run(feed)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        out = run(feed)
-        times.append(time.perf_counter() - started)
-    median = statistics.median(times)
-    return {"runtime": runtime, "batch": batch, "seconds": median, "min_seconds": min(times), "images_per_s": batch / median,
-            "repeats": repeats, "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": loaded,
-            "load_average": (load_before, os.getloadavg()[0]),  # the machine's 1-minute load before and after
-            "scores": [float(s) for s in out["score"]]}
+        return Detector(work / model / "onnx" / "export" / "model.onnx", threads=threads).run
+    if runtime == "torch.export (.pt2)":
+        return Detector(work / model / "torch" / "export" / "model.pt2", threads=threads).run
+    return eager_runner(model, work, "sparse" if runtime.endswith("sparse") else "dense", threads)
+
+
+def make_feed(model: str, work: Path, batch: int) -> dict:
+    """The graph's inputs for ``batch`` demo test images (decoded and resized as the runtime does)."""
+    from src.inference import graph_inputs, open_rgb
+
+    pre = json.loads((work / model / "onnx" / "export" / "model.json").read_text())["preprocessing"]
+    return graph_inputs([open_rgb(p) for p in feed_images(work, batch)], pre["resize"], pre["crop"], pre["segment_size"])
+
+
+def runtime_memory(model: str, work: Path, runtime: str, batch: int, threads: int) -> dict:
+    """Peak resident memory of a process that loads one runtime and runs one batch."""
+    run = load_runtime(model, work, runtime, threads)
+    loaded = peak_rss_mb()
+    run(make_feed(model, work, batch))
+    return {"runtime": runtime, "batch": batch, "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": loaded}
+
+
+def time_runtimes(model: str, work: Path, runtimes: list[str], batch: int, repeats: int, warmup: int,
+                  threads: int) -> list[dict]:
+    """Seconds per batch of each runtime, timed in interleaved rounds (each round runs every
+    runtime once, in a rotating order): on a shared machine whose load changes, every runtime sees
+    the same load. Returns the median and the smallest time of each."""
+    feed = make_feed(model, work, batch)
+    runs = {r: load_runtime(model, work, r, threads) for r in runtimes}
+    for run in runs.values():
+        for _ in range(warmup):
+            run(feed)
+    times, scores = {r: [] for r in runtimes}, {}
+    load_before = os.getloadavg()[0]
+    for i in range(repeats):
+        for r in runtimes[i % len(runtimes):] + runtimes[: i % len(runtimes)]:
+            started = time.perf_counter()
+            scores[r] = runs[r](feed)["score"]
+            times[r].append(time.perf_counter() - started)
+    load = (load_before, os.getloadavg()[0])  # the machine's 1-minute load average (the benchmark's threads included)
+    return [{"runtime": r, "batch": batch, "seconds": statistics.median(t), "min_seconds": min(t),
+             "images_per_s": batch / statistics.median(t), "repeats": repeats, "load_average": load,
+             "scores": [float(v) for v in scores[r]]} for r, t in times.items()]
 
 
 def eager_runner(model: str, work: Path, dispatch: str, threads: int):
@@ -180,14 +207,17 @@ def eager_runner(model: str, work: Path, dispatch: str, threads: int):
 
 
 # --------------------------------------------------------------------------- report
-def report(rows: list[dict], exports: list[dict], built: dict, threads: int) -> str:
-    lines = [f"Graph time per batch, CPU, {threads} thread(s); random weights\n",
-             "| model | runtime | batch | s/batch: median (min) | images/s | peak RSS MiB (after load) | load average |",
-             "|---|---|---|---|---|---|---|"]
+def report(rows: list[dict], memory: list[dict], exports: list[dict], built: dict, threads: int) -> str:
+    lines = [f"Graph time per batch, CPU, {threads} thread(s), runtimes in interleaved rounds; random weights\n",
+             "| model | runtime | batch | s/batch: median (min) | images/s | load average before / after |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['seconds']:.3f} ({r['min_seconds']:.3f}) | "
-                     f"{r['images_per_s']:.2f} | {r['peak_rss_mb']:.0f} ({r['rss_after_load_mb']:.0f}) | "
-                     f"{r['load_average'][0]:.1f} / {r['load_average'][1]:.1f} |")
+                     f"{r['images_per_s']:.2f} | {r['load_average'][0]:.1f} / {r['load_average'][1]:.1f} |")
+    lines += ["", "| model | runtime | peak RSS MiB of a process running one batch of | peak RSS MiB | after loading |",
+              "|---|---|---|---|---|"]
+    for m in memory:
+        lines.append(f"| {m['model']} | {m['runtime']} | {m['batch']} | {m['peak_rss_mb']:.0f} | {m['rss_after_load_mb']:.0f} |")
     header = ("| model | parameters | format | export s | files | MB | peak RSS MiB at the write | whole command s "
               "(peak MiB) | largest score diff (of scale) | largest map diff | decisions / classes equal |")
     lines += ["", header, "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -206,35 +236,38 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["demo"], choices=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
-                        help="checkpoint and export write into --workdir; time reads what they wrote there")
+                        help="checkpoint and export write into --workdir; memory and time read what they wrote there")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the data, checkpoints and exports here")
     parser.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = (args.workdir or Path(tmp)).resolve()
-        rows = []
+        rows, memory = [], []
         for model in args.models:
             if "checkpoint" in args.stages:
                 seconds = isolated(make_checkpoint, model, work)["seconds"]
                 print(f"{model}: checkpoint in {seconds:.0f} s", flush=True)
             for fmt in ("onnx", "torch") if "export" in args.stages else ():
                 print(f"{model}: export {fmt} {isolated(export, model, work, fmt)['seconds']:.0f} s", flush=True)
+            for runtime in args.runtimes if "memory" in args.stages else ():
+                memory.append({"model": model, **isolated(runtime_memory, model, work, runtime, max(args.batches),
+                                                          args.threads)})
+                print(f"{model}: {runtime} peak RSS {memory[-1]['peak_rss_mb']:.0f} MiB", flush=True)
             for batch in args.batches if "time" in args.stages else ():
-                for runtime in args.runtimes:
-                    rows.append({"model": model, **isolated(time_runtime, model, work, runtime, batch, args.repeats,
-                                                            args.warmup, args.threads)})
-                    print(f"{model}: {runtime} batch {batch}: {rows[-1]['seconds']:.3f} s", flush=True)
+                timed = isolated(time_runtimes, model, work, args.runtimes, batch, args.repeats, args.warmup, args.threads)
+                rows += [{"model": model, **r} for r in timed]
+                print("\n".join(f"{model}: {r['runtime']} batch {batch}: {r['seconds']:.3f} s" for r in timed), flush=True)
         built = {m: json.loads((work / m / "checkpoint.json").read_text()) for m in args.models}
         exports = [json.loads((work / m / fmt / "export.json").read_text()) for m in args.models for fmt in ("onnx", "torch")]
-        text = report(rows, exports, built, args.threads)
+        text = report(rows, memory, exports, built, args.threads)
         print("\n" + text)
         if args.json:
             args.json.write_text(json.dumps({"argv": sys.argv, "threads": args.threads, "built": built, "exports": exports,
-                                             "runtimes": rows}, indent=2))
+                                             "memory": memory, "runtimes": rows}, indent=2))
 
 
 if __name__ == "__main__":
