@@ -207,6 +207,7 @@ def test_exported_model_predicts_like_the_checkpoint(trained, tmp_path, fmt, nam
     assert info["format"] == f"anomalymoe-{fmt}" and info["files"] == [name]
     assert info["parity"]["passed"] and info["parity"]["images"] == 8 and info["parity"]["classes_equal"] == 8
     assert info["class_keys"] == ["demo/fabric", "demo/widget"] and info["preprocessing"]["segment_size"]
+    assert info["component_masks"].startswith("computed in the graph") and "refinement included" in info["component_masks"]
     folder = trained["root"] / "widget" / "test"
     predicted = {}
     for source, ckpt, extra in (("ckpt", trained["ckpt"], base), (fmt, model, [])):

@@ -245,7 +245,8 @@ def export_model(cfg: DictConfig, fmt: str) -> Path:
         "inputs": input_names(detector),
         "outputs": ["anomaly_map (B, 1, E, E)", "score (B,)", "anomalous (B,)", "class_index (B,)",
                     "class_distance (B, N)", "threshold (B,)", "routing_weights (B, experts)"],
-        "component_masks": f"computed in the graph from the part prototypes ({detector.feature_kind} features)"
+        "component_masks": f"computed in the graph from the part prototypes ({detector.feature_kind} features), "
+                           "their mean-field refinement included"
         if detector.segmentation is not None
         else "none: scored against statistics of images without masks" if module.net.num_experts[2] else "no component experts",
         "thresholds": {k: stats[k].threshold for k in stats},
