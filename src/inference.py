@@ -130,6 +130,7 @@ def onnx_runner(path: Path, providers: list[str] | None, threads: int | None) ->
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: the graph optimiser warns once per CastLike node it cannot fold
     if threads:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
