@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,7 +134,12 @@ def onnx_runner(path: Path, providers: list[str] | None, threads: int | None) ->
     options.log_severity_level = 3  # errors only: the graph optimiser warns once per CastLike node it cannot fold
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    requested = providers or ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), options, providers=requested)
+    dropped = [p for p in (p if isinstance(p, str) else p[0] for p in requested) if p not in session.get_providers()]
+    if dropped:  # onnxruntime falls back to the others (its own log of why is at warning level, silenced above)
+        warnings.warn(f"{path} runs on {session.get_providers()} without the requested {dropped} (available here: "
+                      f"{ort.get_available_providers()})", stacklevel=3)
     names = [o.name for o in session.get_outputs()]
     return lambda feed: dict(zip(names, session.run(None, feed)))
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from data_modules.dataset import AnomalyTransforms
 from data_modules.io import open_image
 from src.errors import ConfigError
-from src.inference import Detector, ImageError, graph_inputs, mask_index, nearest_index, open_rgb
+from src.inference import Detector, ImageError, graph_inputs, mask_index, nearest_index, onnx_runner, open_rgb
 from src.models.experts import legacy_nearest_index
 from src.modes.export import check_description, parity
 from src.segment.refine import RefineSettings, inverse_3x3, refine
@@ -185,6 +185,23 @@ def test_the_check_fails_on_a_score_a_class_or_a_nan():
     assert not parity([record(0.3)], [record(float("nan"))], [0.5], 1e-3)["passed"]
     assert not parity([record(0.3)], [record(0.3, "a/y")], [0.5], 1e-3)["passed"]
     assert parity([record(0.5, anomalous=True)], [record(0.5 - 1e-7)], [0.5], 1e-3)["passed"]  # at the threshold
+
+
+def test_a_requested_provider_onnxruntime_cannot_use_is_a_warning_naming_the_model(tmp_path):
+    """The sessions log errors only, so a provider that is not used (missing, or failing to start)
+    is reported by the runtime itself, with the model's path."""
+    from onnx import TensorProto, helper, save
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    path = tmp_path / "tiny.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    providers = ["NoSuchExecutionProvider", "CPUExecutionProvider"]
+    with pytest.warns(UserWarning, match=r"tiny\.onnx runs on \['CPUExecutionProvider'\] without the requested "
+                                         r"\['NoSuchExecutionProvider'\]"):
+        run = onnx_runner(path, providers, threads=1)
+    assert run({"x": np.array([-1.0, 2.0], np.float32)})["y"].tolist() == [0.0, 2.0]
 
 
 def test_the_runtime_imports_no_training_stack():
