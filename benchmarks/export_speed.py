@@ -31,6 +31,7 @@ same module with sparse dispatch (the experts ``mode=predict`` runs with the che
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -160,22 +161,19 @@ def time_runtimes(model: str, work: Path, runtimes: list[str], batch: int, repea
     """Seconds per batch of each runtime, timed in interleaved rounds (each round runs every
     runtime once, in a rotating order): on a shared machine whose load changes, every runtime sees
     the same load. Returns the median and the smallest time of each."""
+    from src.measure.timing import interleaved_rounds  # here: the memory stages' processes import no torch
+
     feed = make_feed(model, work, batch)
     runs = {r: load_runtime(model, work, r, threads) for r in runtimes}
     for run in runs.values():
         for _ in range(warmup):
             run(feed)
-    times, scores = {r: [] for r in runtimes}, {}
     load_before = os.getloadavg()[0]
-    for i in range(repeats):
-        for r in runtimes[i % len(runtimes):] + runtimes[: i % len(runtimes)]:
-            started = time.perf_counter()
-            scores[r] = runs[r](feed)["score"]
-            times[r].append(time.perf_counter() - started)
+    times, outputs = interleaved_rounds({r: functools.partial(runs[r], feed) for r in runtimes}, repeats)
     load = (load_before, os.getloadavg()[0])  # the machine's 1-minute load average (the benchmark's threads included)
     return [{"runtime": r, "batch": batch, "seconds": statistics.median(t), "min_seconds": min(t),
              "images_per_s": batch / statistics.median(t), "repeats": repeats, "load_average": load,
-             "scores": [float(v) for v in scores[r]]} for r, t in times.items()]
+             "scores": [float(v) for v in outputs[r]["score"]]} for r, t in times.items()]
 
 
 def eager_runner(model: str, work: Path, dispatch: str, threads: int):

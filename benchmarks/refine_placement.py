@@ -27,7 +27,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,8 @@ import torch.nn.functional as F
 
 from data_modules.io import open_image
 from data_modules.sources.demo import generate_demo_dataset
+from src.measure.timing import interleaved_rounds
+from src.modes.export import onnx_export
 from src.segment.features import color_grid
 from src.segment.parts import fit_prototypes
 from src.segment.refine import RefineSettings, refine
@@ -128,12 +129,8 @@ class RefineGraph(torch.nn.Module):
 
 
 def export_graph(path: Path, scores: np.ndarray, image: np.ndarray, settings: RefineSettings) -> None:
-    batch = torch.export.Dim("batch", min=1, max=1024)
     example = (torch.from_numpy(scores[:2]), torch.from_numpy(image[:2]))
-    with torch.no_grad():
-        torch.onnx.export(RefineGraph(settings).eval(), example, str(path), dynamo=True, input_names=["scores", "image"],
-                          output_names=["probabilities", "labels"], dynamic_shapes=({0: batch}, {0: batch}),
-                          optimize=False, verbose=False)
+    onnx_export(RefineGraph(settings).eval(), example, path, ["scores", "image"], ["probabilities", "labels"])
 
 
 def graph_runner(session, scores: np.ndarray, image: np.ndarray):
@@ -162,11 +159,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    import logging
-
     import onnxruntime as ort
 
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     settings = RefineSettings()  # conf/segment/cluster.yaml's refine defaults
     options = ort.SessionOptions()
@@ -183,13 +177,9 @@ def main() -> None:
                 runs = {"in the graph (onnxruntime)": graph_runner(session, s, im),
                         "in the runtime (numpy)": numpy_runner(s, im, settings),
                         "eager torch (reference)": torch_runner(s, im, settings)}
-                results = {name: run() for name, run in runs.items()}  # also the warm-up
-                times = {name: [] for name in runs}
-                for r in range(args.repeats):
-                    for name in list(runs)[r % len(runs):] + list(runs)[: r % len(runs)]:
-                        started = time.perf_counter()
-                        runs[name]()
-                        times[name].append(time.perf_counter() - started)
+                for run in runs.values():
+                    run()  # warm-up
+                times, results = interleaved_rounds(runs, args.repeats)
                 q_ref, labels_ref = results["eager torch (reference)"]
                 for name in runs:
                     q, labels = results[name]

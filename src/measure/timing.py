@@ -33,6 +33,20 @@ def time_it(fn: Callable[[], object], device: torch.device, warmup: int, iterati
     return statistics.median(times)
 
 
+def interleaved_rounds(runs: dict[str, Callable[[], object]], rounds: int) -> tuple[dict[str, list[float]], dict]:
+    """Seconds of each call of ``runs``, in ``rounds`` rounds that call every one once, in a rotating
+    order: on a shared machine whose load changes, each sees the same load. Returns the times and
+    the last result of each (CPU work: no device synchronisation)."""
+    names = list(runs)
+    times, results = {n: [] for n in names}, {}
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            started = time.perf_counter()
+            results[name] = runs[name]()
+            times[name].append(time.perf_counter() - started)
+    return times, results
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096

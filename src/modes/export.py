@@ -109,6 +109,17 @@ def _batch_dims(inputs: tuple) -> tuple:
     return tuple({0: batch} for _ in inputs)
 
 
+def onnx_export(module: torch.nn.Module, inputs: tuple, path: Path, names: list[str], outputs: list[str],
+                external_data: bool = False) -> None:
+    """``torch.onnx.export`` with this project's settings: the dynamo exporter, a dynamic batch
+    dimension on every input, and no onnxscript optimisation."""
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per deduplicated constant otherwise
+    with torch.no_grad():
+        torch.onnx.export(module, inputs, str(path), dynamo=True, input_names=names, output_names=outputs,
+                          dynamic_shapes=_batch_dims(inputs), external_data=external_data, verbose=False,
+                          optimize=False)  # onnxscript's optimiser drops additions of tiny constants (the 1e-11 of the scorer)
+
+
 def write_onnx(detector, path: Path, size: int) -> list[Path]:
     """``model.onnx`` (weights above :data:`EXTERNAL_DATA_BYTES` in ``model.onnx.data`` beside
     it); returns the files written."""
@@ -119,13 +130,8 @@ def write_onnx(detector, path: Path, size: int) -> list[Path]:
     external = weight_bytes(detector) > EXTERNAL_DATA_BYTES
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)  # the weights of the model.onnx this export replaces
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per deduplicated constant otherwise
     try:
-        with torch.no_grad():
-            torch.onnx.export(detector, inputs, str(path), dynamo=True, input_names=input_names(detector),
-                              output_names=list(OUTPUTS), dynamic_shapes=_batch_dims(inputs),
-                              external_data=external, verbose=False,
-                              optimize=False)  # onnxscript's optimiser drops additions of tiny constants (the 1e-11 of the scorer)
+        onnx_export(detector, inputs, path, input_names(detector), list(OUTPUTS), external)
     finally:
         gaussian_kernel.cache_clear()  # it may hold a tensor made while tracing, unusable in eager code
     return [path, data] if data.is_file() else [path]
