@@ -5,11 +5,12 @@ image after decoding and resizing it (:mod:`src.modes.predict`), through the sam
 
 1. ``/255`` and the ImageNet normalisation (``AnomalyTransforms.image`` after its PIL resize and crop);
 2. with part prototypes (``segment_image`` given): the class whose prototypes lie nearest to the
-   image's features (the backbone's, or mean colours, as the prototypes were fitted on) (:meth:`src.segment.online.OnlineSegmenter.choose_class`), unless
-   ``class_index`` names it; the part scores of that class's prototypes, the mean-field refinement
-   (:func:`src.segment.refine.refine`, its 3x3 inverses by cofactors and its per-pixel products
-   as broadcast sums), the argmax, the kept slots,
-   and the nearest resizing of the masks to the model's input (index maps from the runtime);
+   image's features (the backbone's, or mean colours, as the prototypes were fitted on)
+   (:meth:`src.segment.online.OnlineSegmenter.choose_class`), unless ``class_index`` names it; the
+   part scores of that class's prototypes, the mean-field refinement
+   (:func:`src.segment.refine.refine`, its 3x3 inverses by cofactors and its per-pixel products as
+   broadcast sums), the argmax, the kept slots, and the nearest resizing of the masks to the model's
+   input (index maps from the runtime);
 3. the gate and all experts (dense dispatch: every expert runs, the gate's weights zero the
    others; :meth:`src.models.anomalymoe.AnomalyMoE.forward_eval`);
 4. the scorer (:class:`src.evaluation.scorer.Scorer`) with the chosen class's calibration
@@ -69,7 +70,9 @@ class DeployableDetector(nn.Module):
         self.net, self.scorer, self.class_keys = net.eval(), scorer, list(class_keys)
         self.segmentation = segmentation
         masked = segmentation is not None or net.num_experts[2] == 0
-        stats = [calibration.get(k, masks=masked) for k in [*self.class_keys, POOLED]]  # the last row: pooled
+        # each class's statistics, then the pooled ones (the rows of the tables below; model.json lists them)
+        self.statistics = {k: calibration.get(k, masks=masked) for k in [*self.class_keys, POOLED]}
+        stats = list(self.statistics.values())
         self.register_buffer("stat_low", torch.tensor([s.low for s in stats]))  # (N + 1, G)
         self.register_buffer("stat_high", torch.tensor([s.high for s in stats]))
         self.register_buffer("stat_threshold", torch.tensor([s.threshold for s in stats]))  # (N + 1,)

@@ -202,7 +202,6 @@ def export_model(cfg: DictConfig, fmt: str) -> Path:
     from data_modules.dataset import AnomalyTransforms
     from src.build import build_module
     from src.checkpoints import load_weights, read_checkpoint
-    from src.evaluation.calibration import POOLED
     from src.evaluation.report import expert_names
     from src.inference import Detector
     from src.modes.predict import (
@@ -235,9 +234,7 @@ def export_model(cfg: DictConfig, fmt: str) -> Path:
     seconds = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     calibration = module.calibration
-    masked = detector.segmentation is not None or module.net.num_experts[2] == 0
-    keys = detector.class_keys
-    stats = {k: calibration.get(k, masks=masked) for k in [*keys, POOLED]}
+    keys, stats = detector.class_keys, detector.statistics
     info = {
         "format": f"anomalymoe-{fmt}",
         "files": [f.name for f in files],

@@ -293,7 +293,8 @@ def run_exported(cfg: DictConfig, images: list[Path], others: list[Path], root: 
     stats = {k: NormalStatistics(**v) for k, v in info["statistics"].items()}
     chosen = "chosen per image" if detector.segment_size else (info["class_keys"][0] if len(info["class_keys"]) == 1
                                                                 else POOLED)
-    header = {"checkpoint": str(cfg.ckpt_path), "checkpoint_format": info["format"].removeprefix("anomalymoe-"), "checkpoint_step": info.get("global_step"),
+    header = {"checkpoint": str(cfg.ckpt_path), "checkpoint_format": info["format"].removeprefix("anomalymoe-"),
+              "checkpoint_step": info.get("global_step"),
               "input": str(root), "protocol": "inductive", "class_key": settings.class_key or chosen,
               "statistics_source": "exported model", "decision_rule": info["decision_rule"], "notes": info["notes"]}
     return write_predictions(records, header, info["experts"], images, others, out, settings, writer,
