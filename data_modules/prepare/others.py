@@ -14,9 +14,14 @@ Layouts relied on:
   (12 clips) and pixel ground truth for all 12 test clips in ``UCSDped2/Test/TestNNN_gt/FFF.bmp``.
   One class ``pedestrian``; frames become ``TrainNNN_FFF.png`` / ``TestNNN_FFF.png``; a test
   frame whose mask is empty is normal (``test/good``), the others are ``test/anomaly``.
-* **BMAD** (https://github.com/DorisBao/BMAD; BrainMRI, LiverCT, RESC):
-  ``train/good/img/*.png``, ``{valid,test}/{good,Ungood}/{img,label}/*.png``; a label has the
-  name of its image. ``valid`` becomes ``validation``; ``Ungood`` stays the defect type.
+* **BMAD** (https://github.com/DorisBao/BMAD; BrainMRI, LiverCT, RESC). A subset's folder holds
+  ``train/``, a validation folder (``valid/``, or ``val/`` in RESC's archive) and ``test/``. Training
+  images lie in ``train/good/`` (the archives) or ``train/good/img/`` (the README's drawing). The
+  evaluation splits hold ``<split>/{good,Ungood}/{img,label}/`` (BrainMRI, RESC, the README) or
+  ``<split>/{img,label}/{good,Ungood}/`` (LiverCT's ``hist_DIY``); a label has the name of its image.
+  The subset's folder is found below ``dataset.source`` by its ``train/good`` folder; where several
+  subsets lie there, by its name (``BrainMRI``/``BraTS2021_slice``, ``LiverCT``/``Liver``/``hist_DIY``,
+  ``RESC``). The validation folder becomes ``validation``; ``Ungood`` stays the defect type.
 """
 
 from __future__ import annotations
@@ -117,27 +122,74 @@ def convert_ped2(source: Path, writer: Writer) -> None:
 
 
 # --------------------------------------------------------------------------- BMAD
+BMAD_NAMES = {"BrainMRI": ("brainmri", "brats2021_slice"), "LiverCT": ("livert", "liverct", "liver", "hist_diy"),
+              "RESC": ("resc",)}  # folder names (lower case) that identify a subset's folder in the archives
+BMAD_VALIDATION = ("valid", "val")
+BMAD_SEARCH_DEPTH = 4  # Liver/Train/hist_DIY lies three folders below the archive's top
+
+
+def _bmad_candidates(source: Path) -> list[Path]:
+    """Folders at most ``BMAD_SEARCH_DEPTH`` below ``source`` (itself included) holding ``train/good``."""
+    found, level = [], [source]
+    for _ in range(BMAD_SEARCH_DEPTH + 1):
+        found += [d for d in level if (d / "train" / "good").is_dir()]
+        level = [c for d in level if not (d / "train" / "good").is_dir()
+                 for c in sorted(d.iterdir()) if c.is_dir() and not c.name.startswith(".")]
+    return found
+
+
+def find_bmad_subset(source: Path, subset: str) -> Path:
+    """The folder of BMAD's ``subset`` in ``source`` (the subset's folder or one above it)."""
+    if not source.is_dir():
+        raise DataError(f"{source} not found: give dataset.source=<the extracted BMAD {subset} download>")
+    candidates = _bmad_candidates(source)
+    if len(candidates) > 1:  # several subsets (or copies) below: the one whose path names this subset
+        names = BMAD_NAMES[subset]
+        candidates = [c for c in candidates
+                      if any(part.lower() in names for part in c.relative_to(source.parent).parts)]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        found = sorted(f"{d.name}/" for d in source.iterdir() if d.is_dir()) or ["nothing"]
+        raise DataError(f"no BMAD {subset} folder under {source}: expected a folder holding train/good/ (and "
+                        f"valid/ or val/, test/), at most {BMAD_SEARCH_DEPTH} levels down; found: "
+                        f"{', '.join(found[:10])}. Give dataset.source=<the extracted {subset} download>")
+    raise DataError(f"{len(candidates)} BMAD {subset} folders under {source}: {', '.join(map(str, candidates))}; "
+                    "give dataset.source=<the one to convert>")
+
+
+def _bmad_split(split_dir: Path) -> list[tuple[str, Path, Path]]:
+    """``(defect, image folder, label folder)`` of an evaluation split, in either distributed layout."""
+    if (split_dir / "img").is_dir():  # LiverCT: <split>/{img,label}/{good,Ungood}
+        return [(d.name, d, split_dir / "label" / d.name)
+                for d in sorted((split_dir / "img").iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    return [(d.name, d / "img", d / "label")  # <split>/{good,Ungood}/{img,label}
+            for d in sorted(split_dir.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+
+
 def convert_bmad(source: Path, writer: Writer, subset: str) -> None:
-    base = source / subset if (source / subset).is_dir() else source
-    if not (base / "train" / "good" / "img").is_dir():
-        raise DataError(f"{base / 'train' / 'good' / 'img'} not found: give dataset.source=<the BMAD {subset} "
-                        "folder holding train/, valid/ and test/>")
-    for image in images_in(base / "train" / "good" / "img", writer.summary):
+    base = find_bmad_subset(source, subset)
+    writer.summary.extra["subset folder"] = str(base)
+    train = base / "train" / "good"
+    for image in images_in(train / "img" if (train / "img").is_dir() else train, writer.summary):
         writer.image(image, subset, "train", "good", image.stem)
-    for split, target in (("valid", "validation"), ("test", "test")):
-        types = sorted(d.name for d in (base / split).iterdir() if d.is_dir()) if (base / split).is_dir() else []
+    validation = next((base / v for v in BMAD_VALIDATION if (base / v).is_dir()), base / BMAD_VALIDATION[0])
+    for split_dir, target in ((validation, "validation"), (base / "test", "test")):
+        types = _bmad_split(split_dir) if split_dir.is_dir() else []
         if not types:
-            raise DataError(f"{base / split} holds no good/ or Ungood/ folders; extract the download again")
-        for defect in types:
-            for image in images_in(base / split / defect / "img", writer.summary):
+            found = sorted(d.name for d in base.iterdir() if d.is_dir())
+            raise DataError(f"{split_dir} holds no good/ or Ungood/ folders (directly or under img/); {base} holds "
+                            f"{', '.join(found) or 'no folders'}. Extract the download again")
+        for defect, images, labels in types:
+            for image in images_in(images, writer.summary):
                 written = writer.image(image, subset, target, defect, image.stem)
                 if written is None:
                     continue
                 if defect == "good":
-                    if (base / split / defect / "label").is_dir():
+                    if labels.is_dir():
                         writer.summary.conversions["all-zero mask of a normal image not written"] += 1
                     continue
-                label = base / split / defect / "label" / image.name
+                label = labels / image.name
                 if not label.is_file():
                     writer.unwrite(written[0], target)
                     writer.bad(image, f"defect image without its mask (expected {label})",

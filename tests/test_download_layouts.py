@@ -1,0 +1,131 @@
+"""BMAD's three subsets in the layouts that are distributed, converted by ``mode=prepare`` and read
+by the datamodule a run builds.
+
+Where the layout facts come from:
+
+* BrainMRI (``BraTS2021_slice/``): training slices directly in ``train/good/*.png`` (no ``img/``),
+  then ``valid/{good,Ungood}/{img,label}``, ``test/good/img`` and ``test/Ungood/{img,label}``; read
+  this way by BMAD's own MKD loader (its ``data.py`` lists ``train/good/``) and by anomalib's
+  ``bmad.py``.
+* LiverCT (``Liver/Train/hist_DIY/``): ``train/good/*.png``, then ``{valid,test}/img/{good,Ungood}``
+  and ``{valid,test}/label/Ungood``: ``img`` and ``label`` above ``good``/``Ungood`` (BMAD's
+  ``data_processing/liver/liver.py``, which writes the archive).
+* RESC (``RESC/``): ``train/good/*.png`` and a validation folder named ``val/``
+  (``val/good/img``, ``val/Ungood/{img,label}``), ``test/{good,Ungood}/{img,label}``.
+* BMAD's slices and labels are often RGBA PNGs (written with matplotlib's ``plt.imsave``): an
+  opaque grey image, and a label whose anomalous pixels are white, its others black.
+* BMAD's README drawing (``train/good/img``, ``{valid,test}/{good,Ungood}/{img,label}``) is kept
+  by ``tests/test_datasets.py::fake_bmad``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_modules.types import DataError
+from tests.test_datasets import SIZE, band, check_masks_aligned, loaded, prepared
+
+
+def rgba_slice(path: Path, k: int) -> Path:
+    """An opaque grey RGBA slice, as ``plt.imsave(..., cmap="gray")`` writes one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grey = np.random.default_rng(k).integers(0, 255, (SIZE, SIZE), dtype=np.uint8)
+    Image.fromarray(np.dstack([grey, grey, grey, np.full_like(grey, 255)]), "RGBA").save(path)
+    return path
+
+
+def rgba_label(path: Path, k: int | None) -> Path:
+    """An RGBA label: white on the band of image ``k`` (all black when ``k`` is None), opaque."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    on = band(k) if k is not None else np.zeros((SIZE, SIZE), bool)
+    v = on.astype(np.uint8) * 255
+    Image.fromarray(np.dstack([v, v, v, np.full_like(v, 255)]), "RGBA").save(path)
+    return path
+
+
+def brain_download(root: Path) -> Path:
+    """``BraTS2021_slice/`` as distributed."""
+    base = root / "BraTS2021_slice"
+    for k in range(3):
+        rgba_slice(base / "train" / "good" / f"{k:05d}.png", k)
+    for split in ("valid", "test"):
+        rgba_slice(base / split / "good" / "img" / "00100.png", 100)
+        for k in range(2):
+            rgba_slice(base / split / "Ungood" / "img" / f"{k:05d}.png", 200 + k)
+            rgba_label(base / split / "Ungood" / "label" / f"{k:05d}.png", k)
+    rgba_label(base / "valid" / "good" / "label" / "00100.png", None)  # valid/good has labels, test/good not
+    return root
+
+
+def liver_download(root: Path) -> Path:
+    """``Liver/Train/hist_DIY/`` as distributed: ``img`` and ``label`` above ``good``/``Ungood``."""
+    base = root / "Liver" / "Train" / "hist_DIY"
+    for k in range(3):
+        rgba_slice(base / "train" / "good" / f"{k}.png", k)
+    for split in ("valid", "test"):
+        rgba_slice(base / split / "img" / "good" / "100.png", 100)
+        for k in range(2):
+            rgba_slice(base / split / "img" / "Ungood" / f"{k}.png", 200 + k)
+            rgba_label(base / split / "label" / "Ungood" / f"{k}.png", k)
+    return root
+
+
+def resc_download(root: Path) -> Path:
+    """``RESC/`` as distributed: ``train/good/*.png`` and ``val/``."""
+    base = root / "RESC"
+    for k in range(3):
+        rgba_slice(base / "train" / "good" / f"{k}.png", k)
+    for split in ("val", "test"):
+        rgba_slice(base / split / "good" / "img" / "100.png", 100)
+        for k in range(2):
+            rgba_slice(base / split / "Ungood" / "img" / f"{k}.png", 200 + k)
+            rgba_label(base / split / "Ungood" / "label" / f"{k}.png", k)
+    return root
+
+
+LAYOUTS = {"bmad_brain": (brain_download, "BrainMRI"), "bmad_liver": (liver_download, "LiverCT"),
+           "bmad_resc": (resc_download, "RESC")}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@pytest.mark.parametrize("given", ["subset folder", "parent folder"])
+def test_bmad_as_distributed_converts_and_loads(tmp_path, name, given):
+    make, subset = LAYOUTS[name]
+    download = make(tmp_path / "download")
+    subset_root = next(p for p in download.rglob("train") if p.is_dir()).parent
+    source = subset_root if given == "subset folder" else download
+    dm = prepared(tmp_path, name, source, "dataset.validation_split=true")
+    out = loaded(dm)
+    assert dm.test_class_keys == [f"{name}/{subset}"]
+    assert sorted(out["label"]) == [0, 1, 1]
+    assert check_masks_aligned(out, lambda p: int(p.stem)) == 2
+    assert len(dm.val_set) == 3 and sum(s.label for s in dm.val_set.samples) == 2
+    assert dm.val_set[1]["image"].shape == (3, SIZE, SIZE)
+    dm.setup("fit")
+    assert len(dm.train_set) == 3
+
+
+def test_bmad_parent_with_all_three_subsets_picks_each(tmp_path):
+    download = tmp_path / "BMAD"
+    brain_download(download), liver_download(download), resc_download(download)
+    for name, (_, subset) in sorted(LAYOUTS.items()):
+        dm = prepared(tmp_path / name, name, download)
+        assert dm.test_class_keys == [f"{name}/{subset}"]
+        dm.setup("fit")
+    assert len(dm.train_set) == 3
+
+
+def test_bmad_folder_without_the_subset_names_what_it_expected_and_found(tmp_path):
+    (tmp_path / "elsewhere" / "images").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"no BMAD LiverCT folder under .*elsewhere.*train/good.*found: images/"):
+        prepared(tmp_path, "bmad_liver", tmp_path / "elsewhere")
+
+
+def test_bmad_two_candidates_for_one_subset_are_named(tmp_path):
+    resc_download(tmp_path / "a"), resc_download(tmp_path / "b")
+    with pytest.raises(DataError, match=r"2 BMAD RESC folders under .*a/RESC.*b/RESC.*dataset.source="):
+        prepared(tmp_path, "bmad_resc", tmp_path)
