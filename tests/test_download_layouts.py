@@ -129,3 +129,35 @@ def test_bmad_two_candidates_for_one_subset_are_named(tmp_path):
     resc_download(tmp_path / "a"), resc_download(tmp_path / "b")
     with pytest.raises(DataError, match=r"2 BMAD RESC folders under .*a/RESC.*b/RESC.*dataset.source="):
         prepared(tmp_path, "bmad_resc", tmp_path)
+
+
+# --------------------------------------------------------------------------- one orientation rule
+def exif_rotated_jpeg(path: Path, k: int) -> Path:
+    """A 48x32 JPEG (stored pixels) whose EXIF says "rotate 90°": upright it is 32x48."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(np.random.default_rng(k).integers(0, 255, (32, 48, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to view
+    img.save(path, exif=exif)
+    return path
+
+
+@pytest.mark.parametrize("mask_size", [(48, 32), (32, 48)], ids=["stored size", "upright size"])
+def test_prepare_and_the_loader_apply_one_orientation_rule(tmp_path, mask_size):
+    """A mask is compared with its image upright (EXIF orientation applied) by mode=prepare, as by
+    the loader: a mask at the stored size of a rotated image is refused by prepare, naming both."""
+    from tests.test_datasets import fake_mvtec_ad
+
+    source = fake_mvtec_ad(tmp_path / "mvtec")
+    (source / "bottle" / "test" / "crack" / "000.png").unlink()
+    exif_rotated_jpeg(source / "bottle" / "test" / "crack" / "000.jpg", 0)
+    mask = np.zeros(mask_size[::-1], np.uint8)
+    mask[:, :4] = 255
+    Image.fromarray(mask).save(source / "bottle" / "ground_truth" / "crack" / "000_mask.png")
+    if mask_size == (48, 32):
+        with pytest.raises(DataError, match=r"000_mask.png is 48x32 but its image is 32x48 once its EXIF orientation"):
+            prepared(tmp_path, "mvtec_ad", source)
+        return
+    out = loaded(prepared(tmp_path, "mvtec_ad", source, "dataset.image_size=32", "dataset.resize=32"))
+    (gt,) = [g for g, p in zip(out["gt"], out["image_path"]) if p.endswith("000.jpg")]
+    assert gt.sum() > 0

@@ -11,6 +11,8 @@ Conversions applied to inputs (each counted in :class:`PrepareSummary.conversion
   value range is not defined).
 * Masks are written as 8-bit PNG ``<stem>_mask.png``: 255 where any input mask is non-zero
   (several masks of one image, as in MVTec LOCO, are merged), 0 elsewhere.
+* Sizes are compared upright: an image's EXIF orientation is applied, as the loader applies it
+  (:func:`data_modules.io.open_image`).
 * A mask whose size differs from its image's is resized to the image with nearest-neighbour
   interpolation when the aspect ratios agree (within 1 %); otherwise it is an error.
 
@@ -30,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data_modules.io import DEFAULT_MAX_PIXELS, check_image_header, header_problem
+from data_modules.io import DEFAULT_MAX_PIXELS, check_image_header, header_problem, oriented_size
 from data_modules.types import IMAGE_EXTENSIONS, DataError
 
 log = logging.getLogger(__name__)
@@ -136,7 +138,8 @@ class Writer:
 
     def image(self, src: Path, class_name: str, split: str, defect: str, stem: str) -> tuple[Path, tuple[int, int]] | None:
         """Check ``src`` and write it as ``<class>/<split>/<defect>/<stem><ext>``; returns the
-        written path and the image's (width, height), or None when skipped."""
+        written path and the image's (width, height) upright, as the loader reads it (its EXIF
+        orientation applied: :func:`data_modules.io.oriented_size`), or None when skipped."""
         try:
             img = _read(src, self.max_pixels)
         except TooLarge as err:
@@ -156,7 +159,7 @@ class Writer:
             _to_png_mode(img, src).save(dst)
             self.summary.conversions[f"{src.suffix.lower() or 'unknown format'} image re-encoded as PNG"] += 1
         self.summary.images[split] += 1
-        return dst, img.size
+        return dst, oriented_size(img)
 
     def unwrite(self, path: Path, split: str) -> None:
         """Take back an image written by :meth:`image` (its mask turned out to be unusable)."""
@@ -177,6 +180,7 @@ class Writer:
             except DataError:
                 self.bad(path, "unreadable mask (corrupt or truncated)", "Replace it from the original download")
                 return False
+            img = ImageOps.exif_transpose(img)  # a mask is read upright like its image
             if img.mode not in ("1", "L", "I", "F") and not img.mode.startswith("I;16"):
                 img = img.convert("L")  # colour or palette masks: anything not black is marked
             array = np.asarray(img) > 0
@@ -196,7 +200,8 @@ class Writer:
         (w, h), (mh, mw) = image_size, array.shape
         if abs(mw / mh - w / h) > 0.01 * (w / h):
             raise DataError(
-                f"mask {path} is {mw}x{mh} but its image is {w}x{h} (another aspect ratio): the mask belongs to "
+                f"mask {path} is {mw}x{mh} but its image is {w}x{h} once its EXIF orientation is applied, as every "
+                "loader reads it (another aspect ratio): the mask belongs to "
                 "another image or was cropped. Replace it from the original download."
             )
         self.summary.conversions["mask resized to its image (nearest)"] += 1
