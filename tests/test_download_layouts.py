@@ -161,3 +161,37 @@ def test_prepare_and_the_loader_apply_one_orientation_rule(tmp_path, mask_size):
     out = loaded(prepared(tmp_path, "mvtec_ad", source, "dataset.image_size=32", "dataset.resize=32"))
     (gt,) = [g for g, p in zip(out["gt"], out["image_path"]) if p.endswith("000.jpg")]
     assert gt.sum() > 0
+
+
+# --------------------------------------------------------------------------- UCSD Ped2's frame labels
+def test_ped2_frame_labels_come_from_the_m_file_and_disagreements_are_reported(tmp_path, caplog):
+    """``UCSDped2/Test/UCSDped2.m`` as distributed (UCSD_Anomaly_Dataset.v1p2): one
+    ``TestVideoFile{end+1}.gt_frame = [a:b];`` line per clip, 1-based frame numbers; frames are
+    ``TestNNN/FFF.tif`` with masks ``TestNNN_gt/FFF.bmp`` (pixel masks exist for all 12 Ped2 clips)."""
+    from tests.test_datasets import fake_ped2
+
+    source = fake_ped2(tmp_path / "UCSD_Anomaly_Dataset.v1p2")  # Test001: frames 1-2 empty masks, 3-4 not
+    (source / "UCSDped2" / "Test" / "UCSDped2.m").write_text(
+        "TestVideoFile = {};\r\n% Test001: the masks of frame 2 are empty, frame 4 is not listed\r\n"
+        "TestVideoFile{end+1}.gt_frame = [2:3];\r\n")
+    with caplog.at_level("WARNING"):
+        dm = prepared(tmp_path, "ped2", source)
+    root = tmp_path / "prepared" / "pedestrian"
+    assert sorted(p.name for p in (root / "test" / "good").iterdir()) == ["Test001_001.png", "Test001_004.png"]
+    assert sorted(p.name for p in (root / "test" / "anomaly").iterdir()) == ["Test001_002.png", "Test001_003.png"]
+    assert "2 test frames where" in caplog.text
+    assert "Test001/002.tif: UCSDped2.m says anomalous, its mask is empty" in caplog.text
+    assert "Test001/004.tif: UCSDped2.m says normal, its mask is not empty" in caplog.text
+    out = loaded(dm)
+    labels = {Path(p).name: label for p, label in zip(out["image_path"], out["label"])}
+    assert labels == {"Test001_001.png": 0, "Test001_002.png": 1, "Test001_003.png": 1, "Test001_004.png": 0}
+
+
+def test_ped2_m_file_that_lists_another_number_of_clips_is_refused(tmp_path):
+    from tests.test_datasets import fake_ped2
+
+    source = fake_ped2(tmp_path / "ucsd")
+    (source / "UCSDped2" / "Test" / "UCSDped2.m").write_text(
+        "TestVideoFile{end+1}.gt_frame = [1:4];\nTestVideoFile{end+1}.gt_frame = [5:9];\n")
+    with pytest.raises(DataError, match=r"UCSDped2.m lists 2 clips but .*Test holds 1 TestNNN folders"):
+        prepared(tmp_path, "ped2", source)

@@ -12,8 +12,12 @@ Layouts relied on:
 * **UCSD Ped2** (http://www.svcl.ucsd.edu/projects/anomaly/dataset.htm, ``UCSD_Anomaly_Dataset``):
   ``UCSDped2/Train/TrainNNN/FFF.tif`` (16 clips, normal only), ``UCSDped2/Test/TestNNN/FFF.tif``
   (12 clips) and pixel ground truth for all 12 test clips in ``UCSDped2/Test/TestNNN_gt/FFF.bmp``.
-  One class ``pedestrian``; frames become ``TrainNNN_FFF.png`` / ``TestNNN_FFF.png``; a test
-  frame whose mask is empty is normal (``test/good``), the others are ``test/anomaly``.
+  One class ``pedestrian``; frames become ``TrainNNN_FFF.png`` / ``TestNNN_FFF.png``. A test frame's
+  label is the standard frame-level one, from ``UCSDped2/Test/UCSDped2.m`` (one
+  ``TestVideoFile{end+1}.gt_frame = [a:b, ...];`` line per clip, in clip order, 1-based frame
+  numbers): anomalous frames go to ``test/anomaly`` with their pixel mask, normal ones to
+  ``test/good``. Every frame where the ``.m`` file and the mask disagree is reported; without the
+  ``.m`` file a frame whose mask is empty is normal (reported too).
 * **BMAD** (https://github.com/DorisBao/BMAD; BrainMRI, LiverCT, RESC). A subset's folder holds
   ``train/``, a validation folder (``valid/``, or ``val/`` in RESC's archive) and ``test/``. Training
   images lie in ``train/good/`` (the archives) or ``train/good/img/`` (the README's drawing). The
@@ -27,6 +31,7 @@ Layouts relied on:
 from __future__ import annotations
 
 import csv
+import logging
 import re
 from pathlib import Path
 
@@ -35,6 +40,8 @@ from PIL import Image
 
 from data_modules.prepare.common import Writer, images_in
 from data_modules.types import DataError
+
+log = logging.getLogger(__name__)
 
 VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 
@@ -77,6 +84,34 @@ def convert_visa(source: Path, writer: Writer) -> None:
 
 
 # --------------------------------------------------------------------------- Ped2
+GT_FRAME = re.compile(r"gt_frame\s*=\s*\[([^\]]*)\]")
+DISAGREEMENTS_LISTED = 20
+
+
+def read_gt_frames(m_file: Path) -> list[set[int]]:
+    """The anomalous frames (1-based) of each test clip, in clip order, from ``UCSDped2.m``."""
+    clips = []
+    for line_no, line in enumerate(m_file.read_text(errors="replace").splitlines(), start=1):
+        line = line.split("%", 1)[0]  # MATLAB comment
+        match = GT_FRAME.search(line)
+        if match is None:
+            continue
+        frames: set[int] = set()
+        for item in re.split(r"[,\s]+", match.group(1).strip()):
+            if not item:
+                continue
+            bounds = item.split(":")
+            if len(bounds) not in (1, 2) or not all(b.strip().isdigit() for b in bounds):
+                raise DataError(f"{m_file} line {line_no}: cannot read the frame range {item!r} (expected a:b or a); "
+                                "restore the file from UCSD_Anomaly_Dataset.tar.gz")
+            first, last = int(bounds[0]), int(bounds[-1])
+            frames.update(range(first, last + 1))
+        clips.append(frames)
+    if not clips:
+        raise DataError(f"{m_file} holds no gt_frame lines; restore it from UCSD_Anomaly_Dataset.tar.gz")
+    return clips
+
+
 def convert_ped2(source: Path, writer: Writer) -> None:
     base = source / "UCSDped2" if (source / "UCSDped2").is_dir() else source
     train, test = base / "Train", base / "Test"
@@ -90,7 +125,17 @@ def convert_ped2(source: Path, writer: Writer) -> None:
     clips = sorted(d for d in test.iterdir() if d.is_dir() and clip.match(d.name))
     if not clips:
         raise DataError(f"{test} holds no TestNNN clip folders; extract the archive again")
-    for folder in clips:
+    m_file = test / "UCSDped2.m"
+    gt_frames = read_gt_frames(m_file) if m_file.is_file() else None
+    if gt_frames is None:
+        log.warning("%s not found: a test frame's label comes from whether its pixel mask is empty, not from the "
+                    "standard frame-level labels; restore it from UCSD_Anomaly_Dataset.tar.gz", m_file)
+    elif len(gt_frames) != len(clips):
+        raise DataError(f"{m_file} lists {len(gt_frames)} clips but {test} holds {len(clips)} TestNNN folders; "
+                        "extract the archive again")
+    writer.summary.extra["frame labels"] = str(m_file) if gt_frames is not None else "pixel masks (no .m file)"
+    disagree: list[str] = []
+    for index, folder in enumerate(clips):
         gt_dir = test / f"{folder.name}_gt"
         frames = images_in(folder, writer.summary)
         if not gt_dir.is_dir():
@@ -112,13 +157,32 @@ def convert_ped2(source: Path, writer: Writer) -> None:
             except OSError:
                 writer.bad(gt, "unreadable mask (corrupt or truncated)", "Replace it from the original download")
                 continue
-            written = writer.image(frame, "pedestrian", "test", "good" if empty else "anomaly", stem)
+            if gt_frames is None:
+                anomalous = not empty
+            else:
+                number = int(frame.stem) if frame.stem.isdigit() else None
+                if number is None:
+                    raise DataError(f"{frame}: a test frame's name must be its 1-based number (001.tif) to be "
+                                    f"matched with {m_file.name}; restore the clip from the download")
+                anomalous = number in gt_frames[index]
+                if anomalous == empty:
+                    disagree.append(f"{folder.name}/{frame.name}: {m_file.name} says "
+                                    f"{'anomalous' if anomalous else 'normal'}, its mask is "
+                                    f"{'empty' if empty else 'not empty'}")
+            written = writer.image(frame, "pedestrian", "test", "anomaly" if anomalous else "good", stem)
             if written is None:
                 continue
-            if empty:
+            if gt_frames is None and empty:
                 writer.summary.conversions["test frame with an empty mask labelled normal"] += 1
-            elif not writer.mask([gt], written[1], "pedestrian", "test", "anomaly", stem):
+            if anomalous and not writer.mask([gt], written[1], "pedestrian", "test", "anomaly", stem):
                 writer.unwrite(written[0], "test")
+    if disagree:
+        writer.summary.conversions[f"test frame labelled by {m_file.name} against its mask"] += len(disagree)
+        writer.summary.extra["frames where the .m file and the mask disagree"] = disagree
+        log.warning("%d test frames where %s and the pixel masks disagree (labelled by the .m file; all listed in "
+                    "the prepared folder's .prepared.json):\n  %s", len(disagree), m_file,
+                    "\n  ".join(disagree[:DISAGREEMENTS_LISTED])
+                    + (f"\n  ... and {len(disagree) - DISAGREEMENTS_LISTED} more" if len(disagree) > DISAGREEMENTS_LISTED else ""))
 
 
 # --------------------------------------------------------------------------- BMAD
