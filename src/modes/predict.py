@@ -287,8 +287,8 @@ def run_checkpoint(cfg: DictConfig, images: list[Path], others: list[Path], root
 
 
 def run_exported(cfg: DictConfig, images: list[Path], others: list[Path], root: Path, out: Path) -> float | None:
-    """``mode=predict`` with an exported ``model.onnx`` or ``model.pt2``: the same files, scored by
-    onnxruntime or torch's exported program."""
+    """``mode=predict`` with an exported ``model.onnx``: the same files, scored by onnxruntime (a
+    ``model.pt2`` is refused by :class:`src.inference.Detector`)."""
     from src.inference import Detector
 
     settings = cfg.predict
