@@ -8,7 +8,7 @@ For each model, in separate processes (so that each peak memory is that stage's 
    by ``mode=segment``'s code with its own encoder on a small generated demo set, and the
    calibration computed on the normal training images (:meth:`src.module.AnomalyMoEModule.calibrate`),
    saved as a Lightning-format ``.ckpt``;
-2. **export**: ``mode=export export.format=onnx`` and ``export.format=torch`` on it, each with its
+2. **export**: ``mode=export export.format=onnx`` on it, with its
    self-check (the parity figures come from its ``model.json``);
 3. **memory**: for each runtime, a process that loads it and runs one batch of the largest size:
    its peak resident memory (and after loading);
@@ -18,8 +18,7 @@ For each model, in separate processes (so that each peak memory is that stage's 
    images, decoded and resized by :mod:`src.inference`); only the graph is timed (decoding and
    resizing are the same for all).
 
-The runtimes: onnxruntime's CPU execution provider (``model.onnx``), torch's exported program
-(``model.pt2``), and eager PyTorch: the wrapped module the exports trace (dense dispatch) and the
+The runtimes: onnxruntime's CPU execution provider (``model.onnx``) and eager PyTorch: the wrapped module the exports trace (dense dispatch) and the
 same module with sparse dispatch (the experts ``mode=predict`` runs with the checkpoint).
 
     python -m benchmarks.export_speed --models demo --repeats 10
@@ -51,7 +50,7 @@ MODELS = {
               "evaluation.calibration.images_per_class=4"],
 }
 STAGES = ("checkpoint", "export", "memory", "time")
-RUNTIMES = ("onnxruntime", "torch.export (.pt2)", "eager torch, dense", "eager torch, sparse")
+RUNTIMES = ("onnxruntime", "eager torch, dense", "eager torch, sparse")  # a .pt2 is not opened (src.inference.REFUSED)
 
 
 def overrides(model: str, work: Path, *extra: str) -> list[str]:
@@ -115,7 +114,7 @@ def export(model: str, work: Path, fmt: str) -> dict:
     started = time.perf_counter()
     run_task(compose_config(overrides(model, work, "mode=export", f"export.format={fmt}",
                                       f"ckpt_path={work / model / 'model.ckpt'}", f"paths.output_dir={out}")))
-    name = {"onnx": "model.onnx", "torch": "model.pt2"}[fmt]
+    name = {"onnx": "model.onnx"}[fmt]
     info = json.loads((out / "export" / "model.json").read_text())
     figures = {"model": model, "format": fmt, "path": str(out / "export" / name),
                "command_seconds": time.perf_counter() - started, "command_peak_rss_mb": peak_rss_mb(), **info["export"],
@@ -135,8 +134,6 @@ def load_runtime(model: str, work: Path, runtime: str, threads: int):
 
     if runtime == "onnxruntime":
         return Detector(work / model / "onnx" / "export" / "model.onnx", threads=threads).run
-    if runtime == "torch.export (.pt2)":
-        return Detector(work / model / "torch" / "export" / "model.pt2", threads=threads).run
     return eager_runner(model, work, "sparse" if runtime.endswith("sparse") else "dense", threads)
 
 
@@ -249,7 +246,7 @@ def main() -> None:
             if "checkpoint" in args.stages:
                 seconds = isolated(make_checkpoint, model, work)["seconds"]
                 print(f"{model}: checkpoint in {seconds:.0f} s", flush=True)
-            for fmt in ("onnx", "torch") if "export" in args.stages else ():
+            for fmt in ("onnx",) if "export" in args.stages else ():
                 print(f"{model}: export {fmt} {isolated(export, model, work, fmt)['seconds']:.0f} s", flush=True)
             for runtime in args.runtimes if "memory" in args.stages else ():
                 memory.append({"model": model, **isolated(runtime_memory, model, work, runtime, max(args.batches),
@@ -260,7 +257,7 @@ def main() -> None:
                 rows += [{"model": model, **r} for r in timed]
                 print("\n".join(f"{model}: {r['runtime']} batch {batch}: {r['seconds']:.3f} s" for r in timed), flush=True)
         built = {m: json.loads((work / m / "checkpoint.json").read_text()) for m in args.models}
-        exports = [json.loads((work / m / fmt / "export.json").read_text()) for m in args.models for fmt in ("onnx", "torch")]
+        exports = [json.loads((work / m / fmt / "export.json").read_text()) for m in args.models for fmt in ("onnx",)]
         text = report(rows, memory, exports, built, args.threads)
         print("\n" + text)
         if args.json:

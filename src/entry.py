@@ -35,7 +35,7 @@ from src.run_folder import claim_run_folder
 log = logging.getLogger(__name__)
 
 CHECKPOINT_MODES = {"test": "a .ckpt of this project or an original model_final.pth",
-                    "predict": "a .ckpt of this project, an original model_final.pth or an exported model.onnx / model.pt2",
+                    "predict": "a .ckpt of this project, an original model_final.pth or an exported model.onnx",
                     "export": "a .ckpt written by mode=train"}
 RUN_MODES = ("train", "test", "predict", "export")  # the modes that write a run's files (run.json)
 READING_MODES = ("summarize",)  # read other runs' folders: no run folder of their own, no model, no data

@@ -7,6 +7,7 @@ other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 from data_modules.types import DataError
+from src.inference import ModelFileError
 from src.models.weight_formats import CheckpointError
 
 
@@ -14,7 +15,7 @@ class ConfigError(ValueError):
     """A config value is missing, invalid or contradicts a checkpoint; the message names the key."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelFileError, FileNotFoundError)
 
 
 def user_error(err: BaseException) -> BaseException | None:

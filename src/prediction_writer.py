@@ -8,6 +8,10 @@ written to a temporary file in their folder and renamed into place, so none is e
 While the progress file exists the folder holds an unfinished prediction; running the same
 command again scores only the images not in it. At the end ``predictions.json`` is written
 (atomically) from it and the progress file is removed.
+
+A finished prediction is never rewritten: a folder that holds ``predictions.json`` (or heat maps
+without a progress file) is refused, and a resumed prediction must have the same description,
+the checkpoint's SHA-256 included (the same path holding other weights would mix two models).
 """
 
 from __future__ import annotations
@@ -32,6 +36,20 @@ HEATMAPS = "heatmaps"
 def unfinished_prediction(output_dir: str | Path) -> bool:
     """True when ``output_dir`` holds a prediction that was stopped before it finished."""
     return (Path(output_dir) / PARTIAL).is_file()
+
+
+def refuse_finished(output_dir: str | Path) -> None:
+    """A :class:`ConfigError` when ``output_dir`` holds a finished prediction (or its heat maps)
+    and no progress file: nothing may delete or rewrite it."""
+    out = Path(output_dir)
+    if (out / PARTIAL).is_file():
+        return
+    done = [n for n in (FINAL, "predictions.csv") if (out / n).exists()]
+    done += [HEATMAPS] if (out / HEATMAPS).is_dir() and any((out / HEATMAPS).iterdir()) else []
+    if done:
+        raise ConfigError(f"predict.output_dir={out} holds a finished prediction ({', '.join(done)}): choose another "
+                          "predict.output_dir (the default is <paths.output_dir>/predictions of a new run), or "
+                          "delete it")
 
 
 def write_atomically(path: Path, write) -> None:
@@ -69,7 +87,7 @@ class PredictionWriter:
         if self.partial.is_file():
             self._resume(describe)
         else:
-            (self.out / FINAL).unlink(missing_ok=True)
+            refuse_finished(self.out)
             self.partial.write_text(json.dumps({"prediction": describe}) + "\n")
         self.used = {Path(r["heatmap"]).name for r in self.rows.values() if r.get("heatmap")}
         for stale in self.heat_dir.glob(".*.tmp"):  # left by a killed writer
@@ -81,8 +99,11 @@ class PredictionWriter:
         header = json.loads(lines[0]).get("prediction") if lines else None
         if header != describe:
             differ = [f"{k}={header.get(k)!r}" for k in describe if header and header.get(k) != describe[k]]
+            changed = (" (the checkpoint's content differs from the one it started with, whatever its path)"
+                       if header and header.get("checkpoint_sha256") != describe.get("checkpoint_sha256") else "")
             raise ConfigError(
-                f"{self.out} holds an unfinished prediction of other settings ({', '.join(differ) or 'unreadable'}): "
+                f"{self.out} holds an unfinished prediction of other settings ({', '.join(differ) or 'unreadable'})"
+                f"{changed}: "
                 "run it again with those settings to finish it, choose another paths.output_dir (or "
                 "predict.output_dir), or start afresh with overwrite=true")
         for line in lines[1:]:

@@ -2,6 +2,8 @@
 
 * ``<folder>/.lock`` (pid and host of the live process) makes a second run in the same folder
   stop at once; a lock whose process no longer runs on this host is stale and taken over.
+* ``mode=predict`` holds its ``predict.output_dir`` the same way (:mod:`src.modes.predict`) and
+  never rewrites a finished prediction there (:mod:`src.prediction_writer`).
 * ``<folder>/run.json`` says which run (mode, command, start time) wrote the folder.
 * A run that finds an earlier run's results there (checkpoints, ``results.json``, predictions,
   an export) refuses to start, unless it resumes that run (``mode=train ckpt_path=last``, or a
@@ -57,8 +59,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def acquire_lock(folder: Path) -> Path:
-    """Create ``folder/.lock`` for this process; a live holder is a :class:`RunFolderError`."""
+def acquire_lock(folder: Path, setting: str = "paths.output_dir") -> Path:
+    """Create ``folder/.lock`` for this process; a live holder is a :class:`RunFolderError`
+    naming ``setting``, the config key that chose the folder."""
     path = folder / LOCK
     host = socket.gethostname()
     for _ in range(3):
@@ -78,14 +81,14 @@ def acquire_lock(folder: Path) -> Path:
                 path.unlink(missing_ok=True)
                 continue
             raise RunFolderError(
-                f"paths.output_dir={folder} is in use by another live run (pid {owner.get('pid')} on "
-                f"{owner.get('host')}, lock file {path}): wait for it to finish, or choose another paths.output_dir"
+                f"{setting}={folder} is in use by another live run (pid {owner.get('pid')} on "
+                f"{owner.get('host')}, lock file {path}): wait for it to finish, or choose another {setting}"
                 + ("" if owner.get("host") == host else f"; if that run is gone, delete {path}")
             )
         with os.fdopen(fd, "w") as f:
             json.dump({"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
         return path
-    raise RunFolderError(f"could not lock paths.output_dir={folder}: {path} keeps reappearing")
+    raise RunFolderError(f"could not lock {setting}={folder}: {path} keeps reappearing")
 
 
 def holds_run(folder: Path) -> list[str]:

@@ -19,7 +19,15 @@ The swept values are the command-line overrides (``.hydra/overrides.yaml``) that
 the jobs; a job that does not override a key reads it from its ``config.yaml`` (or its group choice
 in ``.hydra/hydra.yaml``). A job is ``finished`` or ``failed`` as its ``job.json`` records (a job
 without one is ``finished`` when it has a ``results.json``) and ``missing`` without either: not
-started, still running, or killed.
+started, still running, or killed. A multirun folder's ``multirun.yaml`` gives every job the sweep
+was to run (Hydra's basic sweeper: the product of the comma-separated overrides), so a job that
+never started is a ``missing`` row, not an absent one. A ``job.json`` or ``results.json`` that is
+not valid JSON is that job's error (``failed``); the other jobs are still summarised.
+
+Only this project's folders count: a run folder holds ``job.json``, ``config.yaml``, ``.hydra``
+or a ``results.json`` of this project (an object with ``metrics`` and ``mean``); any other folder
+is left out with a note in the summary. The summary is written only into a multirun folder, a
+run folder, a folder of run folders, or a new (empty) folder.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 JOB_RECORD = "job.json"
-JOB_MARKERS = (JOB_RECORD, "results.json", "config.yaml", ".hydra")  # what makes a folder a run's folder
+JOB_MARKERS = (JOB_RECORD, "config.yaml", ".hydra")  # what makes a folder a run's folder (or our results.json)
 HIDDEN_KEYS = ("hydra.", "paths.")  # overrides that place a job, not what it computes
 FIGURE_METRIC = "image_auroc"
 ERROR_CHARS = 200
@@ -74,6 +82,7 @@ class Summary:
     keys: list[str]  # swept keys, in the order of the overrides
     metrics: list[str]  # metric columns: the means, then per dataset when there are several
     output: Path
+    notes: list[str] = field(default_factory=list)  # folders left out, and why
 
     def folder_name(self, job: Job) -> str:
         return str(job.folder.relative_to(self.output)) if job.folder.is_relative_to(self.output) else str(job.folder)
@@ -126,29 +135,66 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
 
 
 # --------------------------------------------------------------------------- reading run folders
+def ours(results: Path) -> bool:
+    """``results`` is a ``results.json`` written by this project (``metrics`` and ``mean``)."""
+    try:
+        data = json.loads(results.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("metrics"), list) and isinstance(data.get("mean"), dict)
+
+
 def is_run_folder(folder: Path) -> bool:
-    return folder.is_dir() and any((folder / marker).exists() for marker in JOB_MARKERS)
+    return folder.is_dir() and (any((folder / marker).exists() for marker in JOB_MARKERS)
+                                or ours(folder / "results.json"))
+
+
+def planned_jobs(sweep: Path) -> list[tuple[Path, list[str]]]:
+    """(folder, overrides) of every job ``<sweep>/multirun.yaml`` describes (the basic sweeper's
+    product of comma-separated values; jobs in ``<sweep>/<job number>``); empty when it names no
+    sweep."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hydra = (_read_yaml(sweep / "multirun.yaml") or {}).get("hydra") or {}
+    task = list((hydra.get("overrides") or {}).get("task") or [])
+    params = (hydra.get("sweeper") or {}).get("params") or {}
+    task += [f"{k}={v}" for k, v in params.items()]
+    if not task:
+        return []
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(task), None)
+    jobs = [overrides for batch in batches for overrides in batch]
+    return [(sweep / str(num), list(overrides)) for num, overrides in enumerate(jobs)]
 
 
 def _job_order(folder: Path) -> tuple:
     return (0, int(folder.name), "") if folder.name.isdigit() else (1, 0, folder.name)
 
 
-def find_jobs(paths: Sequence[str | Path]) -> list[Path]:
+def find_jobs(paths: Sequence[str | Path], notes: list[str] | None = None) -> list[Path]:
     """The run folders to summarise: a multirun folder (it holds ``multirun.yaml``, or run folders)
-    gives its job folders in job order, a run folder itself. Raises :class:`SummaryInputError` naming
-    every path that does not exist or holds no run folder."""
+    gives its job folders in job order (with those ``multirun.yaml`` plans that do not exist), a
+    run folder itself. Folders that are not this project's are appended to ``notes``. Raises
+    :class:`SummaryInputError` naming every path that does not exist or holds no run folder."""
     jobs, problems = [], []
+    notes = [] if notes is None else notes
     for path in map(Path, paths):
         path = path.expanduser()
         if not path.is_dir():
             problems.append(f"{path} does not exist" if not path.exists() else f"{path} is not a folder")
         elif is_run_folder(path) and not (path / "multirun.yaml").exists():
             jobs.append(path)
-        elif found := sorted((p for p in path.iterdir() if is_run_folder(p)), key=_job_order):
-            jobs.extend(found)
+        elif (found := sorted((p for p in path.iterdir() if is_run_folder(p)), key=_job_order)) or (
+                path / "multirun.yaml").is_file() and planned_jobs(path):
+            planned = [folder for folder, _ in planned_jobs(path)] if (path / "multirun.yaml").is_file() else []
+            jobs.extend(sorted(set(found) | set(planned), key=_job_order))
+            left = sorted(p.name for p in path.iterdir() if p.is_dir() and p not in found and p not in planned
+                          and not p.name.startswith("."))
+            if left:
+                notes.append(f"{path}: left out {', '.join(left)} (not this project's run folders)")
         else:
-            problems.append(f"{path} holds no run folders (a run folder has one of {', '.join(JOB_MARKERS)})")
+            problems.append(f"{path} holds no run folders (a run folder has one of {', '.join(JOB_MARKERS)}, "
+                            "or a results.json of this project)")
     if problems:
         raise SummaryInputError("; ".join(problems) + "; give a multirun folder (logs/anomalymoe/multiruns/<time>), "
                           "a run folder, or a list of them ([<folder>,<folder>])")
@@ -162,9 +208,13 @@ def _read_yaml(path: Path) -> Any:
 def job_overrides(folder: Path) -> dict[str, Any]:
     """The job's command-line overrides (``.hydra/overrides.yaml``), key -> value, as Hydra parses
     them (numbers as numbers); lists and dicts as their text. Deletions (``~key``) are left out."""
+    return overrides_values(_read_yaml(folder / ".hydra" / "overrides.yaml") or [])
+
+
+def overrides_values(lines: Sequence[str]) -> dict[str, Any]:
+    """Override lines -> key -> value (:func:`job_overrides`)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    lines = _read_yaml(folder / ".hydra" / "overrides.yaml") or []
     values = {}
     for override in OverridesParser.create().parse_overrides(lines):
         if override.is_delete():
@@ -206,8 +256,15 @@ def _read_json(path: Path) -> dict:
 def read_job(folder: Path) -> Job:
     """A run folder's status (``job.json``, else whether ``results.json`` exists), overrides,
     metrics (``results.json``: ``mean`` and ``datasets``), wall time and error."""
-    record = _read_json(folder / JOB_RECORD)
-    results = _read_json(folder / "results.json")
+    try:
+        record = _read_json(folder / JOB_RECORD)
+        results = _read_json(folder / "results.json")
+    except SummaryInputError as err:  # that job's error; the others are still summarised
+        return Job(folder=folder, status="failed", values=job_overrides(folder), metrics={}, error=error_line(str(err)))
+    if results and not ours(folder / "results.json"):
+        return Job(folder=folder, status="failed", values=job_overrides(folder), metrics={},
+                   error=error_line(f"{folder / 'results.json'} is not a results.json of this project (no metrics "
+                                    "and mean)"))
     metrics, datasets = {}, sorted(results.get("datasets") or {})
     for name in results.get("metrics") or results.get("mean") or []:
         metrics[name] = (results.get("mean") or {}).get(name)
@@ -219,9 +276,17 @@ def read_job(folder: Path) -> Job:
                wall_s=record.get("wall_s"), error=error_line(error) if error else None)
 
 
-def summarize(folders: Sequence[Path], output: Path) -> Summary:
-    """Read the jobs and find the keys that vary between them."""
-    jobs = [read_job(folder) for folder in folders]
+def summarize(folders: Sequence[Path], output: Path, notes: Sequence[str] = ()) -> Summary:
+    """Read the jobs and find the keys that vary between them (a planned job that has no folder:
+    ``missing``, its values from ``multirun.yaml``)."""
+    planned = {folder: overrides for sweep in {f.parent for f in folders} if (sweep / "multirun.yaml").is_file()
+               for folder, overrides in planned_jobs(sweep)}
+    jobs = []
+    for folder in folders:
+        job = read_job(folder)
+        if not folder.exists() and folder in planned:
+            job.values = overrides_values(planned[folder])
+        jobs.append(job)
     keys = list(dict.fromkeys(k for job in jobs for k in job.values if not k.startswith(HIDDEN_KEYS)))
     for job in jobs:
         for key in keys:
@@ -231,7 +296,7 @@ def summarize(folders: Sequence[Path], output: Path) -> Summary:
     means = list(dict.fromkeys(m for job in jobs for m in job.metrics if "/" not in m))
     datasets = sorted({d for job in jobs for d in job.datasets})
     per_dataset = [f"{d}/{m}" for d in datasets for m in means] if len(datasets) > 1 else []
-    return Summary(jobs=jobs, keys=keys, metrics=means + per_dataset, output=output)
+    return Summary(jobs=jobs, keys=keys, metrics=means + per_dataset, output=output, notes=list(notes))
 
 
 # --------------------------------------------------------------------------- writing the summary
@@ -262,6 +327,7 @@ def markdown(summary: Summary) -> str:
     lines = [f"# Summary of {summary.output}", "",
              f"{len(summary.jobs)} job(s): " + ", ".join(f"{n} {s}" for s, n in counts.items())
              + ". Metrics in %: means over classes (`results.json`); `<dataset>/<metric>`: that dataset's mean.", ""]
+    lines += [f"Note: {note}" for note in summary.notes] + ([""] if summary.notes else [])
     header = ["folder", *summary.keys, "status", *summary.metrics, "wall time", "error"]
     lines += _table(header, [[_cell(summary.folder_name(j)), *(_cell(j.values.get(k)) for k in summary.keys),
                               j.status, *(_percent(j.metrics.get(m)) for m in summary.metrics), _duration(j.wall_s),
@@ -367,9 +433,22 @@ def write_summary(summary: Summary, wandb_settings: dict | None = None) -> dict[
     return paths
 
 
+def check_output(output: Path, jobs: Sequence[Path]) -> None:
+    """Refuse to write a summary into a folder that is none of: a multirun folder, a run folder,
+    the folder of summarised jobs, a new or empty folder."""
+    if not output.exists() or not any(output.iterdir()) or (output / "multirun.yaml").is_file() or is_run_folder(
+            output) or any(job.parent == output for job in jobs):
+        return
+    raise SummaryInputError(f"{output} is not a run or multirun folder (it holds other files): the summary is not "
+                            "written there; set summarize.output=<a new folder>")
+
+
 def summarize_folders(paths: Sequence[str | Path], output: str | Path, wandb_settings: dict | None = None) -> Summary:
     """Find the run folders under ``paths``, summarise them into ``output``, print the Markdown."""
-    summary = summarize(find_jobs(paths), Path(output))
+    notes: list[str] = []
+    folders = find_jobs(paths, notes)
+    check_output(Path(output), folders)
+    summary = summarize(folders, Path(output), notes)
     written = write_summary(summary, wandb_settings)
     print("\n" + written["markdown"].read_text(), flush=True)
     log.info("Summary of %d job(s): %s", len(summary.jobs), ", ".join(str(p) for p in written.values()))

@@ -127,10 +127,51 @@ def test_folders_that_do_not_exist_hold_no_runs_or_damaged_files_are_named(tmp_p
     (tmp_path / "empty").mkdir()
     with pytest.raises(SummaryInputError, match=r"absent does not exist; .*empty holds no run folders"):
         find_jobs([tmp_path / "absent", tmp_path / "empty"])
-    damaged = make_job(tmp_path / "damaged", ["seed=0"])
+
+
+def test_a_damaged_results_file_is_that_jobs_error_and_the_others_are_summarised(tmp_path):
+    sweep = tmp_path / "sweep"
+    make_job(sweep / "0", ["seed=0"], auroc={"demo": 0.6})
+    damaged = make_job(sweep / "1", ["seed=1"], auroc={"demo": 0.7})
     (damaged / "results.json").write_text('{"mean": ')  # a job killed while writing it
-    with pytest.raises(SummaryInputError, match=r"damaged/results.json is not valid JSON"):
-        summarize(find_jobs([damaged]), tmp_path)
+    foreign = make_job(sweep / "2", ["seed=2"])
+    (foreign / "results.json").write_text(json.dumps({"accuracy": 0.9}))
+    rows = summarize(find_jobs([sweep]), sweep).rows()
+    assert [r["status"] for r in rows] == ["finished", "failed", "failed"] and rows[0]["image_auroc"] == 0.6
+    assert "1/results.json is not valid JSON" in rows[1]["error"]
+    assert "2/results.json is not a results.json of this project" in rows[2]["error"]
+
+
+def test_every_planned_job_of_a_multirun_is_a_row_and_never_started_ones_are_missing(tmp_path):
+    sweep = tmp_path / "sweep"
+    (sweep / "multirun.yaml").parent.mkdir()
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": ["model.top_k=1,2",
+                                                                                          "seed=0,1"]}}}))
+    make_job(sweep / "0", ["model.top_k=1", "seed=0"], auroc={"demo": 0.6}, record={"status": "finished"})
+    make_job(sweep / "1", ["model.top_k=1", "seed=1"])  # killed while it ran: no record, no results
+    rows = summarize_folders([sweep], sweep).rows()
+    assert [(r["folder"], r["model.top_k"], r["seed"], r["status"]) for r in rows] == [
+        ("0", 1, 0, "finished"), ("1", 1, 1, "missing"), ("2", 2, 0, "missing"), ("3", 2, 1, "missing")]
+
+
+def test_only_this_projects_folders_are_read_and_written(tmp_path):
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps({"accuracy": 0.9}))  # not ours
+    (other / "holiday.jpg").write_bytes(b"jpeg")
+    with pytest.raises(SummaryInputError, match="photos holds no run folders"):
+        summarize_folders([other], other)
+    assert sorted(p.name for p in other.iterdir()) == ["holiday.jpg", "results.json"]
+    sweep = tmp_path / "sweep"
+    make_job(sweep / "0", ["seed=0"], auroc={"demo": 0.6})
+    (sweep / "unrelated").mkdir()
+    (sweep / "unrelated" / "results.json").write_text("[1, 2]")
+    summary = summarize_folders([sweep], sweep)
+    assert [j.folder.name for j in summary.jobs] == ["0"]
+    assert "left out unrelated (not this project's run folders)" in (sweep / "summary.md").read_text()
+    with pytest.raises(SummaryInputError, match="photos is not a run or multirun folder .*summarize.output"):
+        summarize_folders([sweep], other)
+    assert sorted(p.name for p in other.iterdir()) == ["holiday.jpg", "results.json"]
 
 
 def test_the_callback_records_jobs_and_writes_the_summary_at_the_end(tmp_path):

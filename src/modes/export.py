@@ -8,8 +8,12 @@
   the score, the decision and the class (:mod:`src.deploy`), and ``model.json`` describing it. It
   runs with onnxruntime alone (:mod:`src.inference`) and in ``mode=predict ckpt_path=<model.onnx>``.
   Weights above 1 GiB (the paper-size model) go to ``model.onnx.data`` beside it.
-* ``torch``: ``<export.dir>/model.pt2``, the same graph as a ``torch.export`` program, and
-  ``model.json``. It runs with torch alone (:mod:`src.inference`, ``mode=predict ckpt_path=<model.pt2>``).
+* ``torch`` is refused: a ``torch.export`` program (``model.pt2``) cannot be loaded without running
+  code stored in the file (:data:`src.inference.REFUSED`), and a shipped file must be data.
+
+``model.json`` and the graph are sealed together (:func:`seal`): the graph records the digest of
+``model.json``, ``model.json`` the digest of each graph file, and the runtime refuses either when
+they do not match (:mod:`src.inference`).
 
 An export checks itself before it is kept: the exported model (through :mod:`src.inference`)
 and the checkpoint (through ``mode=predict``'s path and scorer) score the same images (a few
@@ -39,7 +43,7 @@ from src.models.weight_formats import CheckpointError, ours_to_original, read_st
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("original", "onnx", "torch")
+FORMATS = ("original", "onnx")
 
 
 class ExportCheckError(CheckpointError):
@@ -137,23 +141,25 @@ def write_onnx(detector, path: Path, size: int) -> list[Path]:
     return [path, data] if data.is_file() else [path]
 
 
-def write_torch(detector, path: Path, size: int) -> list[Path]:
-    """``model.pt2``: the program of ``torch.export`` (weights inside); returns the files written."""
-    from src.evaluation.protocol import gaussian_kernel
-
-    inputs = example_inputs(detector, size)
-    try:
-        with torch.no_grad():
-            program = torch.export.export(detector, inputs, dynamic_shapes=_batch_dims(inputs), strict=False)
-    finally:
-        gaussian_kernel.cache_clear()
-    torch.export.save(program, str(path))
-    return [path]
-
-
-WRITERS = {"onnx": write_onnx, "torch": write_torch}
-FILE_NAMES = {"onnx": "model.onnx", "torch": "model.pt2"}
+FILE_NAMES = {"onnx": "model.onnx"}
 EXTERNAL_DATA_BYTES = 1 << 30  # ONNX weights above 1 GiB go to model.onnx.data (a protobuf file stops at 2 GiB)
+
+
+def seal(path: Path, files: list[Path], info: dict) -> dict:
+    """Tie the graph and its description together: the graph's metadata records the digest of
+    ``info`` (:data:`src.inference.DESCRIPTION_DIGEST`), then ``info["graph_sha256"]`` the digest of
+    each file of the graph (``model.onnx`` and its ``model.onnx.data``). Returns ``info``."""
+    import onnx
+
+    from src.inference import DESCRIPTION_DIGEST, description_digest, file_digest
+
+    model = onnx.load(str(path), load_external_data=False)  # the weights file is left as it is
+    for entry in [e for e in model.metadata_props if e.key == DESCRIPTION_DIGEST]:
+        model.metadata_props.remove(entry)
+    model.metadata_props.add(key=DESCRIPTION_DIGEST, value=description_digest(info))
+    onnx.save(model, str(path))
+    info["graph_sha256"] = {f.name: file_digest(f) for f in files}
+    return info
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -219,7 +225,6 @@ def export_model(cfg: DictConfig, fmt: str) -> Path:
                               "(it needs the preprocessing and part prototypes stored in it)")
     out_dir = Path(cfg.export.dir).expanduser()
     path = out_dir / FILE_NAMES[fmt]
-    check_description(path)
     datamodule, module = build_module(cfg)
     load_weights(module, checkpoint)
     module.eval()
@@ -230,7 +235,7 @@ def export_model(cfg: DictConfig, fmt: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    files = WRITERS[fmt](detector, path, transforms.output_size)
+    files = write_onnx(detector, path, transforms.output_size)
     seconds = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     calibration = module.calibration
@@ -263,6 +268,7 @@ def export_model(cfg: DictConfig, fmt: str) -> Path:
                    "dispatch": "dense: every expert runs, the gate's weights zero the unselected ones"},
         "versions": _versions(fmt),
     }
+    seal(path, files, info)
 
     images = check_images(cfg, datamodule)
     class_key = detector.class_keys[0] if segmenter is None and len(detector.class_keys) == 1 else None
@@ -297,29 +303,15 @@ def export_model(cfg: DictConfig, fmt: str) -> Path:
     return path
 
 
-def check_description(path: Path) -> None:
-    """Refuse to overwrite a ``model.json`` that describes another exported file still beside it."""
-    from src.errors import ConfigError
-
-    description = path.with_suffix(".json")
-    if not description.is_file():
-        return
-    try:
-        other = json.loads(description.read_text()).get("format", "")
-    except (OSError, ValueError):
-        return
-    theirs = {f"anomalymoe-{fmt}": name for fmt, name in FILE_NAMES.items()}.get(other)
-    if theirs and theirs != path.name and (path.parent / theirs).is_file():
-        raise ConfigError(f"{description} describes {path.parent / theirs}, which an export to {path.name} would "
-                          "orphan: set export.dir to another folder (or paths.output_dir to a new run)")
-
-
 def run(cfg: DictConfig) -> None:
     """Export ``ckpt_path`` in ``export.format``."""
-    fmt = cfg.export.get("format", "original")
-    if fmt not in FORMATS:
-        from src.errors import ConfigError
+    from src.errors import ConfigError
+    from src.inference import REFUSED
 
+    fmt = cfg.export.get("format", "original")
+    if fmt == "torch":
+        raise ConfigError(f"export.format=torch is not offered: {REFUSED['.pt2']}")
+    if fmt not in FORMATS:
         raise ConfigError(f"export.format={fmt!r}; choose one of {FORMATS}")
     if fmt == "original":
         out = export_original(cfg.ckpt_path, cfg.export.path)

@@ -56,7 +56,8 @@ from src.evaluation.calibration import GROUPS, POOLED, NormalStatistics
 from src.evaluation.report import expert_names, score_row, write_score_rows
 from src.evaluation.visualize import fit_image, render_panels
 from src.inference import is_exported
-from src.prediction_writer import PredictionWriter, relative_path
+from src.prediction_writer import PredictionWriter, refuse_finished, relative_path
+from src.run_folder import acquire_lock
 from src.segment.online import OnlineSegmenter
 
 log = logging.getLogger(__name__)
@@ -224,8 +225,21 @@ def run(cfg: DictConfig) -> float | None:
     images, others = list_inputs(root, settings.recursive)
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if is_exported(cfg.ckpt_path):
-        return run_exported(cfg, images, others, root, out)
+    own = out.resolve() != Path(cfg.paths.output_dir).resolve()  # else the run's own lock holds it
+    lock = acquire_lock(out, "predict.output_dir") if own else None  # the prediction folder is held like a run folder, wherever it lies
+    try:
+        refuse_finished(out)
+        if is_exported(cfg.ckpt_path):
+            return run_exported(cfg, images, others, root, out)
+        return run_checkpoint(cfg, images, others, root, out)
+    finally:
+        if lock is not None:
+            lock.unlink(missing_ok=True)
+
+
+def run_checkpoint(cfg: DictConfig, images: list[Path], others: list[Path], root: Path, out: Path) -> float | None:
+    """``mode=predict`` with a checkpoint of this project or an original-format file."""
+    settings = cfg.predict
     checkpoint = read_checkpoint(cfg.ckpt_path)
     datamodule, module = build_module(cfg)
     load_weights(module, checkpoint, calibration=not cfg.evaluation.recalibrate)
@@ -273,8 +287,8 @@ def run(cfg: DictConfig) -> float | None:
 
 
 def run_exported(cfg: DictConfig, images: list[Path], others: list[Path], root: Path, out: Path) -> float | None:
-    """``mode=predict`` with an exported ``model.onnx`` or ``model.pt2``: the same files, scored by
-    onnxruntime or torch's exported program."""
+    """``mode=predict`` with an exported ``model.onnx``: the same files, scored by onnxruntime (a
+    ``model.pt2`` is refused by :class:`src.inference.Detector`)."""
     from src.inference import Detector
 
     settings = cfg.predict
@@ -302,9 +316,12 @@ def run_exported(cfg: DictConfig, images: list[Path], others: list[Path], root: 
 
 
 def open_writer(out: Path, root: Path, checkpoint: Path, settings) -> PredictionWriter:
-    """The prediction folder's writer (a stopped prediction of the same settings continues)."""
-    return PredictionWriter(out, root, {"checkpoint": str(checkpoint), "input": str(root),
-                                        "class_key": settings.class_key})
+    """The prediction folder's writer (a stopped prediction of the same settings and the same
+    checkpoint content continues)."""
+    from src.inference import file_digest
+
+    return PredictionWriter(out, root, {"checkpoint": str(checkpoint), "checkpoint_sha256": file_digest(checkpoint),
+                                        "input": str(root), "class_key": settings.class_key})
 
 
 def write_predictions(records: Iterable[dict], header: dict, names: list[str], images: list[Path], others: list[Path],
