@@ -71,6 +71,20 @@ class _Optimizer:
         return getattr(self.optimizer, name)
 
 
+def without_trainer(module: AnomalyMoEModule, logged: dict) -> tuple:
+    """Give ``module`` what its training step asks of a Trainer (optimisers, scheduler, backward,
+    logging into ``logged``); returns the main and the estimator's optimiser."""
+    configured = module.configure_optimizers()
+    main, est = configured[0]["optimizer"], configured[1]["optimizer"]
+    scheduler = configured[0]["lr_scheduler"]["scheduler"]
+    module.optimizers = lambda: (_Optimizer(main), _Optimizer(est))
+    module.lr_schedulers = lambda: scheduler
+    module.manual_backward = lambda loss: loss.backward()
+    module.log_dict = lambda values, **_: logged.update(values)
+    module.log = lambda name, value, **_: logged.update({name: value})
+    return main, est
+
+
 @pytest.fixture
 def cuda_rng(monkeypatch):
     """The CUDA random-state calls of the training step, served by the CPU's."""
@@ -103,14 +117,7 @@ def test_training_step_on_cuda(cuda_rng, estimator_update):
     logged = {}
     with LogicalCuda():
         module_on_cuda(module)
-        configured = module.configure_optimizers()
-        main, est = configured[0]["optimizer"], configured[1]["optimizer"]
-        scheduler = configured[0]["lr_scheduler"]["scheduler"]
-        module.optimizers = lambda: (_Optimizer(main), _Optimizer(est))
-        module.lr_schedulers = lambda: scheduler
-        module.manual_backward = lambda loss: loss.backward()
-        module.log_dict = lambda values, **_: logged.update(values)
-        module.log = lambda name, value, **_: logged.update({name: value})
+        main, est = without_trainer(module, logged)
         batch = {k: on_cuda(v) for k, v in _batch().items()}
         batch["dataset"] = ["demo", "demo", "other"]
         loss = module.training_step(batch, 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from src.losses import CLUBEstimator
-from tests.test_device_placement import _batch, _module, _Optimizer
+from tests.test_device_placement import _batch, _module, without_trainer
 
 BF16_EPS = 2.0**-8  # bf16 keeps 8 bits of mantissa: relative rounding error of one operation
 
@@ -14,14 +14,7 @@ def _five_steps(bf16: bool) -> list[dict[str, float]]:
     """The module's own training step, five times, without a Trainer (as tests/test_device_placement.py)."""
     module = _module()
     logged: dict = {}
-    configured = module.configure_optimizers()
-    main, est = configured[0]["optimizer"], configured[1]["optimizer"]
-    scheduler = configured[0]["lr_scheduler"]["scheduler"]
-    module.optimizers = lambda: (_Optimizer(main), _Optimizer(est))
-    module.lr_schedulers = lambda: scheduler
-    module.manual_backward = lambda loss: loss.backward()
-    module.log_dict = lambda values, **_: logged.update(values)
-    module.log = lambda *_, **__: None
+    without_trainer(module, logged)
     module.step_rng = {"cpu": torch.Generator().manual_seed(0).get_state()}
     steps = []
     for step in range(5):
