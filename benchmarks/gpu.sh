@@ -7,7 +7,9 @@
 #   2. a 50-step training run of the paper model (ViT-B/14 reg4, 6/6/6 experts, top-3, 392 px)
 #      through run.py on generated 392 px images: loss finite and falling;
 #   3. python run.py mode=test on its checkpoints/last.ckpt;
-#   4. the parity test (tests/test_parity.py) with the model on the GPU.
+#   4. the training run and mode=test of steps 2 and 3 with trainer.precision=bf16-mixed;
+#   5. benchmarks/bf16_decisions.py: test decisions of the demo model that bf16 autocast changes;
+#   6. the parity test (tests/test_parity.py) with the model on the GPU.
 # Backbone weights are random (model.backbone.weights=random): the GPU machine has no internet,
 # and speed and memory do not depend on the weights.
 #
@@ -91,7 +93,23 @@ T0=$SECONDS
 "$PYTHON" benchmarks/gpu_checks.py training --file "$FILE" --benchmark "$NAME" --train-dir "$OUT/train" \
   --test-dir "$OUT/test" --steps "$STEPS" --batch "$BATCH" --seconds $((SECONDS - T0)) "${FALLING[@]}" || STATUS=1
 
-# 4. The parity test with the model on this device.
+# 4. The same training run and test under trainer.precision=bf16-mixed.
+T0=$SECONDS
+"$PYTHON" run.py "${COMMON[@]}" trainer.precision=bf16-mixed trainer.max_steps="$STEPS" trainer.log_every_n_steps=1 \
+  module.scheduler.warmup_steps=5 hydra.run.dir="$OUT/train_bf16" || STATUS=1
+"$PYTHON" run.py mode=test "${COMMON[@]}" trainer.precision=bf16-mixed ckpt_path="$OUT/train_bf16/checkpoints/last.ckpt" \
+  hydra.run.dir="$OUT/test_bf16" || STATUS=1
+"$PYTHON" benchmarks/gpu_checks.py training --file "$FILE" --benchmark "$NAME" --precision bf16 --train-dir "$OUT/train_bf16" \
+  --test-dir "$OUT/test_bf16" --steps "$STEPS" --batch "$BATCH" --seconds $((SECONDS - T0)) "${FALLING[@]}" || STATUS=1
+
+# 5. Decisions that bf16 autocast changes (the demo model, fp32 calibration).
+DECISIONS_RC=0
+"$PYTHON" benchmarks/bf16_decisions.py --device "$PARITY_DEVICE" --root "$OUT/bf16_demo" > "$OUT/bf16_decisions.log" 2>&1 \
+  || DECISIONS_RC=$?
+"$PYTHON" benchmarks/gpu_checks.py note --file "$FILE" --benchmark "$NAME" --precision bf16 \
+  --measurement "bf16 autocast decisions, demo test set" --log "$OUT/bf16_decisions.log" --rc "$DECISIONS_RC" || STATUS=1
+
+# 6. The parity test with the model on this device.
 PARITY_RC=0
 ANOMALYMOE_PARITY_DEVICE="$PARITY_DEVICE" ANOMALYMOE_REQUIRE_FIXTURES=1 \
   "$PYTHON" -m pytest tests/test_parity.py -q -p no:cacheprovider "${PARITY[@]}" > "$OUT/parity.log" 2>&1 || PARITY_RC=$?

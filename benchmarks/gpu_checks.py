@@ -4,6 +4,9 @@
     python benchmarks/gpu_checks.py parity --log pytest.log --rc 0 --file BENCHMARKS.md
     python benchmarks/gpu_checks.py total --seconds 300 --file BENCHMARKS.md
     python benchmarks/gpu_checks.py failed --measurement "mode=benchmark" --rc 1 --log run.log --file BENCHMARKS.md
+    python benchmarks/gpu_checks.py note --measurement "bf16 decisions" --rc 0 --log out.log --file BENCHMARKS.md
+
+``note``: a row with the last line of a script's output (FAILED with a non-zero exit status).
 
 ``training``: the training run's logged ``train/loss`` (``<train-dir>/csv/metrics.csv``) has one
 finite value per step and, with ``--require-falling``, its last fifth averages below its first
@@ -66,7 +69,7 @@ def check_training(args: argparse.Namespace) -> tuple[list[str], str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("check", choices=["training", "parity", "total", "failed"])
+    parser.add_argument("check", choices=["training", "parity", "total", "failed", "note"])
     parser.add_argument("--file", type=Path, required=True, help="the BENCHMARKS.md to append to")
     parser.add_argument("--benchmark", default="gpu", help="the benchmark column (gpu, gpu_dry_run)")
     parser.add_argument("--precision", default="fp32")
@@ -92,6 +95,12 @@ def main() -> None:
         if args.rc != 0 or "passed" not in notes or "skipped" in notes:
             problems.append(f"parity test: {notes} (exit status {args.rc})")
         measurement, args.batch = "parity test (tests/test_parity.py) on this device", "4"
+    elif args.check == "note":
+        lines = args.log.read_text().strip().splitlines() if args.log and args.log.is_file() else []
+        notes = lines[-1] if lines else "no output"
+        if args.rc != 0:
+            problems.append(f"exit status {args.rc}")
+        measurement, args.batch = args.measurement, ""
     elif args.check == "failed":
         problems.append(f"exit status {args.rc}" + (" (stopped at its time limit)" if args.rc in (124, 137) else ""))
         notes = f"see {args.log}"

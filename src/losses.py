@@ -188,8 +188,11 @@ class CLUBEstimator(nn.Module):
             params = {k: v.detach() for k, v in module.named_parameters()}
             return torch.func.functional_call(module, params, args)
 
-        x, y = call(self.norm, x), call(self.norm, y)
-        mu, logvar = call(self.nets[group], x)
+        # In float32 under autocast (trainer.precision=bf16-mixed): the bound is a small difference
+        # of two large sums, which bf16's 8-bit mantissa loses (docs/speed.md).
+        with torch.autocast(x.device.type, enabled=False):
+            x, y = call(self.norm, x.float()), call(self.norm, y.float())
+            mu, logvar = call(self.nets[group], x)
         return x, y, mu, logvar
 
     def upper_bound(self, group: str, x: Tensor, y: Tensor, frozen: bool = True, perm: Tensor | None = None) -> Tensor:

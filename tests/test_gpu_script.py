@@ -33,6 +33,10 @@ def test_gpu_script_dry_run_writes_every_row(tmp_path):
     assert "| bf16 | cl |" in text and "| fp32 | no |" in text
     training = next(row for row in rows if "training run, run.py, 10 steps" in row)
     assert "FAILED" not in training and "mode=test on last.ckpt: image AUROC" in training
+    bf16 = next(row for row in rows if "training run, run.py, 10 steps" in row and "| bf16 |" in row)
+    assert "FAILED" not in bf16 and "mode=test on last.ckpt: image AUROC" in bf16
+    decisions = next(row for row in rows if "bf16 autocast decisions" in row)
+    assert "FAILED" not in decisions and "decisions differ from fp32" in decisions
     parity = next(row for row in rows if "parity test" in row)
     assert "1 passed" in parity and "FAILED" not in parity
     assert measurements[-1] == "benchmarks/gpu.sh, all steps"

@@ -48,6 +48,7 @@ def test_predict_folder_single_image_and_stored_calibration(small_demo_root, dem
     # 1. The checkpoint holds no calibration: it is computed from the dataset's normal images.
     result = predict(small_demo_root, demo_checkpoint, ten_images, tmp_path / "folder")
     assert result["num_images"] == 11 and result["num_scored"] == 10 and result["num_errors"] == 1
+    assert result["images_per_s"] > 0
     assert result["errors"][0]["path"].endswith("broken.png") and "cannot read image" in result["errors"][0]["error"]
     assert [Path(s["path"]).name for s in result["skipped"]] == ["readme.txt"]
     # The model has component experts but the checkpoint no part prototypes (true masks): images are

@@ -87,7 +87,8 @@ def test_demo_train_test_and_original_checkpoint(small_demo_root, tmp_path):
     assert torch.load(train_dir / "checkpoints" / "last.ckpt", weights_only=True)["calibration"] == calibration
     assert report["checkpoint"] == {"path": str(train_dir / "checkpoints" / "last.ckpt"), "global_step": 4}
     metrics = (train_dir / "csv" / "metrics.csv").read_text()
-    for column in ("train/patch", "train/global", "train/component", "train/esb", "train/eir", "train/estimator"):
+    for column in ("train/patch", "train/global", "train/component", "train/esb", "train/eir", "train/estimator",
+                   "train/images_per_s", "test/images_per_s"):
         assert column in metrics
 
     # What a newcomer reads: each line once, no product tips, parts and parameters rather than a

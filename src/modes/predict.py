@@ -35,6 +35,7 @@ read from ``predict.component_masks`` (same relative layout as the input, ``.npz
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
@@ -333,10 +334,12 @@ def write_predictions(records: Iterable[dict], header: dict, names: list[str], i
     maps_dir = out / "group_maps"
     if settings.get("save_group_maps"):
         maps_dir.mkdir(exist_ok=True)
+    start, scored = time.perf_counter(), 0  # images per second: reading, scoring and writing, this run's images
     for record in records:
         if "error" in record:
             writer.add([record])
             continue
+        scored += 1
         path, key, stats = record["path"], record["class"], record["statistics"]
         entry = {"path": path, "class": key, "score": record["score"], "anomalous": record["anomalous"],
                  "component_masks": record["masks_from"],
@@ -352,6 +355,8 @@ def write_predictions(records: Iterable[dict], header: dict, names: list[str], i
             np.savez_compressed(maps_dir / name, **record["group_maps"])
             entry["group_maps"] = f"group_maps/{name}"
         writer.add([entry])
+    seconds = time.perf_counter() - start
+    rate = scored / seconds if scored and seconds > 0 else None
     results, errors = writer.results(images)  # with those of an earlier, stopped run
     for error in errors:
         log.warning("not scored: %s", error["error"])
@@ -378,13 +383,14 @@ def write_predictions(records: Iterable[dict], header: dict, names: list[str], i
         "num_scored": len(results),
         "num_anomalous": flagged,
         "num_errors": len(errors),
+        "images_per_s": rate,
         "images": results,
         "errors": errors,
         "skipped": [{"path": str(p), "reason": "not an image file extension"} for p in others],
     }
     write_score_rows(rows, out / "predictions.csv", names)
     writer.finish(summary)
-    log.info("Scored %d of %d images (%d anomalous, %d unreadable, %d other files skipped); wrote %s and %s",
-             len(results), len(images), flagged, len(errors), len(others), out / "predictions.json",
-             out / "predictions.csv")
+    log.info("Scored %d of %d images (%d anomalous, %d unreadable, %d other files skipped%s); wrote %s and %s",
+             len(results), len(images), flagged, len(errors), len(others),
+             f", {rate:.1f} images/s" if rate else "", out / "predictions.json", out / "predictions.csv")
     return flagged / len(results) if results else None
