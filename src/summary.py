@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 JOB_RECORD = "job.json"
 JOB_MARKERS = (JOB_RECORD, "config.yaml", ".hydra")  # what makes a folder a run's folder (or our results.json)
+OWN_FOLDERS = ("wandb",)  # what a summary (its W&B run) writes into the sweep folder
 HIDDEN_KEYS = ("hydra.", "paths.")  # overrides that place a job, not what it computes
 FIGURE_METRIC = "image_auroc"
 ERROR_CHARS = 200
@@ -189,7 +190,7 @@ def find_jobs(paths: Sequence[str | Path], notes: list[str] | None = None) -> li
             planned = [folder for folder, _ in planned_jobs(path)] if (path / "multirun.yaml").is_file() else []
             jobs.extend(sorted(set(found) | set(planned), key=_job_order))
             left = sorted(p.name for p in path.iterdir() if p.is_dir() and p not in found and p not in planned
-                          and not p.name.startswith("."))
+                          and not p.name.startswith(".") and p.name not in OWN_FOLDERS and any(p.iterdir()))
             if left:
                 notes.append(f"{path}: left out {', '.join(left)} (not this project's run folders)")
         else:
