@@ -177,7 +177,7 @@ _TO = {torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu}
 
 
 class _Function(TorchFunctionMode):
-    """Calls that would start CUDA on the CPU (``device="cuda"``, ``.to("cuda")``, ``.cuda()``) run on the CPU, labelled."""
+    """Calls that would start CUDA (``device="cuda"``, ``.to("cuda")``, ``.cuda()``) run on the CPU, labelled."""
 
     def __init__(self, context: _Context) -> None:
         super().__init__()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from src.module import AnomalyMoEModule
@@ -48,3 +49,25 @@ def test_inference_and_training_under_bf16_autocast(seeded):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         terms = module.objective(model.forward_train(image, None, masks, counts))
     assert torch.isfinite(terms.loss) and torch.isfinite(terms.estimator)
+
+
+@pytest.mark.slow
+def test_experts_compiled_by_inductor_give_eager_maps(seeded):
+    """module.compile_experts=true with the default backend (inductor, C++ on the CPU): the same maps
+    up to float32 rounding of the map's scale (inductor reorders sums)."""
+    import copy
+
+    from src.models.acceleration import accelerate
+    from tests.conftest import random_masks
+
+    eager = tiny_model(top_k=2).eval()
+    compiled = accelerate(copy.deepcopy(eager), compile_experts=True)
+    image = torch.rand(3, 3, 56, 56)
+    masks, counts = random_masks(3, 56, [2, 0, 1])
+    with torch.no_grad():
+        expected, got = eager(image, None, masks, counts), compiled(image, None, masks, counts)
+        again = compiled(image[:2], None, masks[:2], counts[:2])  # another batch size: dynamic shapes
+    for name in ("map_patch", "map_global", "map_component"):
+        scale = getattr(expected, name).abs().max().item() + 1e-6
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), atol=1e-5 * scale, rtol=1e-5, msg=name)
+    assert again.map_patch.shape[0] == 2

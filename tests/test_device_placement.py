@@ -127,7 +127,8 @@ def test_training_step_on_cuda(cuda_rng, estimator_update):
         for term in ("esb", "eir", "estimator", "component"):
             assert torch.isfinite(logged[f"train/{term}"].elem), term
         assert all(p.device == CUDA for group in est.param_groups for p in group["params"])
-        assert all(is_cuda(v) for state in main.state.values() for v in state.values() if torch.is_tensor(v) and v.dim())
+        states = [v for state in main.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
+        assert states and all(is_cuda(v) for v in states)
 
 
 @pytest.mark.parametrize("dispatch", ["sparse", "dense"])
