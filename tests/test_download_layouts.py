@@ -47,16 +47,22 @@ def rgba_label(path: Path, k: int | None) -> Path:
     return path
 
 
+def types_above_img(base: Path, splits: tuple[str, str], digits: int = 0) -> None:
+    """``train/good/*.png`` and ``<split>/{good,Ungood}/{img,label}`` below ``base`` (BrainMRI, RESC);
+    file names are numbers, zero-padded to ``digits``."""
+    for k in range(3):
+        rgba_slice(base / "train" / "good" / f"{k:0{digits}d}.png", k)
+    for split in splits:
+        rgba_slice(base / split / "good" / "img" / f"{100:0{digits}d}.png", 100)
+        for k in range(2):
+            rgba_slice(base / split / "Ungood" / "img" / f"{k:0{digits}d}.png", 200 + k)
+            rgba_label(base / split / "Ungood" / "label" / f"{k:0{digits}d}.png", k)
+
+
 def brain_download(root: Path) -> Path:
     """``BraTS2021_slice/`` as distributed."""
     base = root / "BraTS2021_slice"
-    for k in range(3):
-        rgba_slice(base / "train" / "good" / f"{k:05d}.png", k)
-    for split in ("valid", "test"):
-        rgba_slice(base / split / "good" / "img" / "00100.png", 100)
-        for k in range(2):
-            rgba_slice(base / split / "Ungood" / "img" / f"{k:05d}.png", 200 + k)
-            rgba_label(base / split / "Ungood" / "label" / f"{k:05d}.png", k)
+    types_above_img(base, ("valid", "test"), digits=5)
     rgba_label(base / "valid" / "good" / "label" / "00100.png", None)  # valid/good has labels, test/good not
     return root
 
@@ -76,14 +82,7 @@ def liver_download(root: Path) -> Path:
 
 def resc_download(root: Path) -> Path:
     """``RESC/`` as distributed: ``train/good/*.png`` and ``val/``."""
-    base = root / "RESC"
-    for k in range(3):
-        rgba_slice(base / "train" / "good" / f"{k}.png", k)
-    for split in ("val", "test"):
-        rgba_slice(base / split / "good" / "img" / "100.png", 100)
-        for k in range(2):
-            rgba_slice(base / split / "Ungood" / "img" / f"{k}.png", 200 + k)
-            rgba_label(base / split / "Ungood" / "label" / f"{k}.png", k)
+    types_above_img(root / "RESC", ("val", "test"))
     return root
 
 
